@@ -1,0 +1,53 @@
+"""Server-side evaluation of global weights on the federation's test split (torch)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from coordinator.protocol import FederationCreate
+from models import ImageDataset, build_model, count_macs, evaluate, load_dataset
+from models.state import build_from_state, to_numpy_state
+
+__all__ = ["Evaluator"]
+
+
+class Evaluator:
+    def __init__(self, *, torch_threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        self._data: dict[tuple[Any, ...], ImageDataset] = {}
+        self._lock = threading.Lock()
+
+    def model_for(self, cfg: FederationCreate) -> Any:
+        return build_model(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes, image_size=cfg.image_size)
+
+    def initial_weights(self, cfg: FederationCreate) -> dict[str, np.ndarray]:
+        import torch
+
+        torch.manual_seed(cfg.seed)
+        return to_numpy_state(self.model_for(cfg))
+
+    def _model(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> Any:
+        return build_from_state(cfg.model, weights, in_channels=cfg.in_channels,
+                                num_classes=cfg.num_classes, image_size=cfg.image_size)
+
+    def test_data(self, cfg: FederationCreate) -> ImageDataset:
+        key = (cfg.data.dataset, cfg.data.data_dir, cfg.data.eval_samples, cfg.seed)
+        with self._lock:
+            if key not in self._data:
+                data = load_dataset(cfg.data.dataset, cfg.data.data_dir, "test", seed=cfg.seed)
+                if cfg.data.eval_samples:
+                    data = data.subset(np.arange(min(cfg.data.eval_samples, len(data))))
+                self._data[key] = data
+            return self._data[key]
+
+    def evaluate(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> Any:
+        return evaluate(self._model(cfg, weights), self.test_data(cfg))
+
+    def macs(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> int:
+        data = self.test_data(cfg)
+        return int(count_macs(self._model(cfg, weights), data.input_shape))

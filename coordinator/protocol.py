@@ -1,0 +1,191 @@
+"""The wire schemas of the REST API (pydantic only: no FastAPI, no I/O).
+
+Shared by the coordinator and the edge agent. Binary payloads (models, updates) are not
+here: they travel as `sparse_kernels` codec bytes; these schemas carry everything else.
+Split by purpose, as the FastAPI full-stack template does: *Create for input, *Public for
+output.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "API_PREFIX",
+    "AgentPublic",
+    "DataSpec",
+    "EnrollRequest",
+    "EnrollResponse",
+    "FederationCreate",
+    "FederationPublic",
+    "FederationStatus",
+    "RoundMetrics",
+    "StrategySpec",
+    "Task",
+    "TrainingConfig",
+    "UpdateReceipt",
+    "UpdateReport",
+]
+
+API_PREFIX = "/v1"
+# Header carrying the agent's JSON `UpdateReport` alongside the binary update body.
+REPORT_HEADER = "X-Fedslim-Report"
+VERSION_HEADER = "X-Fedslim-Version"
+KIND_HEADER = "X-Fedslim-Kind"
+
+ValueEncoding = Literal["fp32", "fp16", "int8", "ternary"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainingConfig(_Strict):
+    """Local training and compression settings sent to agents with every task."""
+
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(64, ge=1, le=4096)
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    # Fraction of coordinates each agent uploads (top-k with error feedback); 1.0 = dense.
+    upload_density: float = Field(1.0, gt=0, le=1)
+    upload_values: ValueEncoding = "fp32"
+    max_steps: int | None = Field(None, ge=1, description="cap on local steps (tests, smoke runs)")
+
+
+class StrategySpec(_Strict):
+    name: str = "fedavg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSpec(_Strict):
+    """What the federation trains on. Agents bring their own local data; the coordinator
+    uses `dataset` for server-side evaluation on its test split."""
+
+    dataset: Literal["fashion_mnist", "cifar10", "synthetic"] = "fashion_mnist"
+    data_dir: str | None = None
+    partition: str = "dirichlet:0.5"
+    eval_samples: int | None = Field(None, ge=1, description="evaluate on the first N test samples")
+
+
+class FederationCreate(_Strict):
+    name: str = Field("federation", min_length=1, max_length=100)
+    model: str = "fedavg_cnn"
+    in_channels: int = Field(1, ge=1, le=4)
+    num_classes: int = Field(10, ge=2, le=1000)
+    image_size: int | None = Field(None, ge=8, le=512)
+    data: DataSpec = Field(default_factory=DataSpec)
+    rounds: int = Field(10, ge=1, le=100_000)
+    clients_per_round: int = Field(10, ge=1, le=100_000)
+    min_clients: int = Field(1, ge=1, le=100_000)
+    round_deadline_s: float = Field(300.0, gt=0, le=86_400)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    # Server-side broadcast compression: fraction of coordinates changed per round (the
+    # rest is carried in a server residual); 1.0 sends every change exactly.
+    download_density: float = Field(1.0, gt=0, le=1)
+    download_values: ValueEncoding = "fp32"
+    memory_budget_mb: float | None = Field(None, gt=0)
+    seed: int = 0
+
+    @field_validator("min_clients")
+    @classmethod
+    def _min_le_per_round(cls, v: int, info: Any) -> int:
+        per_round = info.data.get("clients_per_round")
+        if per_round is not None and v > per_round:
+            raise ValueError(f"min_clients ({v}) exceeds clients_per_round ({per_round})")
+        return v
+
+
+class FederationStatus(str, Enum):
+    created = "created"
+    running = "running"
+    paused = "paused"
+    stopped = "stopped"
+    completed = "completed"
+
+
+class FederationPublic(_Strict):
+    id: str
+    status: FederationStatus
+    config: FederationCreate
+    current_round: int  # rounds completed so far
+    model_version: int
+    created_at: float
+
+
+class RoundMetrics(BaseModel):
+    """Per-round metrics; strategies may add keys (density, macs, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    round: int
+    accuracy: float
+    loss: float
+    participants: int
+    stragglers: int = 0
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+
+
+class EnrollRequest(_Strict):
+    enrollment_token: str = Field(min_length=1, max_length=512)
+    name: str = Field("agent", min_length=1, max_length=100, pattern=r"^[\w.\-]+$")
+    memory_budget_bytes: int | None = Field(None, gt=0)
+    platform: str = Field("", max_length=200)
+
+
+class EnrollResponse(_Strict):
+    agent_id: str
+    agent_token: str
+
+
+class AgentPublic(_Strict):
+    id: str
+    name: str
+    enrolled_at: float
+    last_seen: float
+    status: str
+    memory_budget_bytes: int | None = None
+
+
+class Task(_Strict):
+    """One unit of work for an agent: train round `round` from `model_version`."""
+
+    federation_id: str
+    round: int
+    kind: Literal["train"] = "train"
+    model: str
+    in_channels: int
+    num_classes: int
+    image_size: int | None
+    model_version: int
+    training: TrainingConfig
+    strategy: StrategySpec
+    deadline: float  # unix time after which an upload is refused
+    memory_budget_mb: float | None = None
+
+
+class UpdateReport(_Strict):
+    """What an agent says about its local work (sent as JSON in REPORT_HEADER)."""
+
+    num_samples: int = Field(ge=1, le=10**9)
+    train_loss: float = Field(allow_inf_nan=False)
+    train_accuracy: float = Field(ge=0, le=1)
+    train_seconds: float = Field(ge=0)
+    peak_memory_bytes: int = Field(0, ge=0)
+    planned_memory_bytes: int = Field(0, ge=0)
+    baseline_memory_bytes: int = Field(0, ge=0)
+    batch_size: int = Field(0, ge=0)
+
+
+class UpdateReceipt(_Strict):
+    federation_id: str
+    round: int
+    accepted: bool
+    duplicate: bool = False

@@ -1,0 +1,51 @@
+"""Coordinator service settings: environment (FEDSLIM_*) and CLI flags, validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["PLACEHOLDER_TOKENS", "CoordinatorSettings"]
+
+PLACEHOLDER_TOKENS = frozenset({"", "changeme", "dev-admin-token", "dev-enroll-token"})
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDSLIM_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("fedslim-data")
+    # SQLAlchemy URL; default is a SQLite file (WAL) under data_dir. PostgreSQL works too:
+    # postgresql+psycopg://user:pass@host/db
+    database_url: str | None = None
+    admin_token: SecretStr = SecretStr("dev-admin-token")
+    enrollment_token: SecretStr = SecretStr("dev-enroll-token")
+    # Dev mode allows the placeholder tokens above; anything else must set real ones.
+    dev_mode: bool = False
+    max_upload_bytes: int = 64 << 20
+    agent_timeout_s: float = 60.0  # an agent unseen this long is not sampled
+    long_poll_s: float = 20.0
+    tick_s: float = 0.2
+    torch_threads: int = 1
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_tokens(self) -> CoordinatorSettings:
+        if not self.dev_mode:
+            for name in ("admin_token", "enrollment_token"):
+                if getattr(self, name).get_secret_value() in PLACEHOLDER_TOKENS:
+                    raise ValueError(
+                        f"{name} is a placeholder; set FEDSLIM_{name.upper()} to a secret "
+                        "(or FEDSLIM_DEV_MODE=1 for local experiments)"
+                    )
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'coordinator.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"

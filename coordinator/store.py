@@ -1,0 +1,307 @@
+"""Durable coordinator state: SQLAlchemy Core tables (SQLite file by default, WAL; the
+same schema runs on PostgreSQL) plus a content-addressed blob directory for model and
+update bytes.
+
+Blobs are written (fsync + rename) *before* the transaction that references them, so a
+crash leaves at worst an unreferenced blob, never a row pointing at nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+
+__all__ = ["AgentRow", "BlobStore", "FederationRow", "RoundRow", "Store", "UpdateRow"]
+
+metadata = MetaData()
+
+federations = Table(
+    "federations", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("config", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("current_round", Integer, nullable=False),  # rounds completed
+    Column("model_version", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+agents = Table(
+    "agents", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("enrolled_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("info", Text, nullable=False),
+)
+rounds = Table(
+    "rounds", metadata,
+    Column("federation_id", String(64), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("status", String(16), nullable=False),  # open | closed
+    Column("attempt", Integer, nullable=False),
+    Column("base_version", Integer, nullable=False),
+    Column("selected", Text, nullable=False),  # JSON list of agent ids
+    Column("opened_at", Float, nullable=False),
+    Column("deadline", Float, nullable=False),
+    Column("closed_at", Float),
+    Column("metrics", Text),  # JSON
+)
+updates = Table(
+    "updates", metadata,
+    Column("federation_id", String(64), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("agent_id", String(64), primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("num_samples", Integer, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("blob", String(64), nullable=False),
+    Column("report", Text, nullable=False),
+)
+models = Table(
+    "models", metadata,
+    Column("federation_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("blob", String(64), nullable=False),  # full model (codec kind=model)
+    Column("patch_blob", String(64)),  # delta from version-1, when the structure is unchanged
+    Column("state_blob", String(64)),  # strategy state (npz, no pickle)
+    Column("created_at", Float, nullable=False),
+)
+downloads = Table(  # bytes served per (federation, round) for the metrics
+    "downloads", metadata,
+    Column("federation_id", String(64), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("bytes", Integer, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class FederationRow:
+    id: str
+    config: dict[str, Any]
+    status: str
+    current_round: int
+    model_version: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    id: str
+    name: str
+    token_hash: str
+    enrolled_at: float
+    last_seen: float
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    federation_id: str
+    round: int
+    status: str
+    attempt: int
+    base_version: int
+    selected: list[str]
+    opened_at: float
+    deadline: float
+    closed_at: float | None
+    metrics: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    agent_id: str
+    attempt: int
+    num_samples: int
+    bytes: int
+    blob: str
+    report: dict[str, Any]
+
+
+class BlobStore:
+    """Content-addressed files (sha256 names) written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.root / digest
+        if not path.exists():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        return (self.root / digest).read_bytes()
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest
+
+
+class Store:
+    def __init__(self, url: str, blob_dir: Path) -> None:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, future=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        self.blobs = BlobStore(blob_dir)
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------- federations
+    def add_federation(self, conn: Connection, row: FederationRow) -> None:
+        conn.execute(federations.insert().values(**{**row.__dict__, "config": json.dumps(row.config)}))
+
+    def get_federation(self, conn: Connection, fid: str) -> FederationRow | None:
+        r = conn.execute(select(federations).where(federations.c.id == fid)).mappings().first()
+        return _federation(r) if r else None
+
+    def list_federations(self, conn: Connection) -> list[FederationRow]:
+        rows = conn.execute(select(federations).order_by(federations.c.created_at)).mappings()
+        return [_federation(r) for r in rows]
+
+    def update_federation(self, conn: Connection, fid: str, **values: Any) -> None:
+        conn.execute(federations.update().where(federations.c.id == fid).values(**values))
+
+    # ---------------------------------------------------------------- agents
+    def add_agent(self, conn: Connection, row: AgentRow) -> None:
+        conn.execute(agents.insert().values(**{**row.__dict__, "info": json.dumps(row.info)}))
+
+    def agent_by_token_hash(self, conn: Connection, token_hash: str) -> AgentRow | None:
+        r = conn.execute(select(agents).where(agents.c.token_hash == token_hash)).mappings().first()
+        return _agent(r) if r else None
+
+    def list_agents(self, conn: Connection) -> list[AgentRow]:
+        return [_agent(r) for r in conn.execute(select(agents).order_by(agents.c.enrolled_at)).mappings()]
+
+    def touch_agent(self, conn: Connection, agent_id: str, when: float) -> None:
+        conn.execute(agents.update().where(agents.c.id == agent_id).values(last_seen=when))
+
+    # ---------------------------------------------------------------- rounds
+    def put_round(self, conn: Connection, row: RoundRow) -> None:
+        values = {**row.__dict__, "selected": json.dumps(row.selected),
+                  "metrics": json.dumps(row.metrics) if row.metrics is not None else None}
+        key = (rounds.c.federation_id == row.federation_id) & (rounds.c.round == row.round)
+        if conn.execute(select(rounds.c.round).where(key)).first():
+            conn.execute(rounds.update().where(key).values(**values))
+        else:
+            conn.execute(rounds.insert().values(**values))
+
+    def get_round(self, conn: Connection, fid: str, rnd: int) -> RoundRow | None:
+        key = (rounds.c.federation_id == fid) & (rounds.c.round == rnd)
+        r = conn.execute(select(rounds).where(key)).mappings().first()
+        return _round(r) if r else None
+
+    def list_rounds(self, conn: Connection, fid: str) -> list[RoundRow]:
+        q = select(rounds).where(rounds.c.federation_id == fid).order_by(rounds.c.round)
+        return [_round(r) for r in conn.execute(q).mappings()]
+
+    # ---------------------------------------------------------------- updates
+    def add_update(self, conn: Connection, fid: str, rnd: int, row: UpdateRow) -> None:
+        conn.execute(updates.insert().values(
+            federation_id=fid, round=rnd, received_at=time.time(),
+            **{**row.__dict__, "report": json.dumps(row.report)},
+        ))
+
+    def get_update(self, conn: Connection, fid: str, rnd: int, agent_id: str) -> UpdateRow | None:
+        key = (updates.c.federation_id == fid) & (updates.c.round == rnd) & (updates.c.agent_id == agent_id)
+        r = conn.execute(select(updates).where(key)).mappings().first()
+        return _update(r) if r else None
+
+    def list_updates(self, conn: Connection, fid: str, rnd: int, attempt: int) -> list[UpdateRow]:
+        q = select(updates).where(
+            (updates.c.federation_id == fid) & (updates.c.round == rnd) & (updates.c.attempt == attempt)
+        ).order_by(updates.c.received_at)
+        return [_update(r) for r in conn.execute(q).mappings()]
+
+    def delete_update(self, conn: Connection, fid: str, rnd: int, agent_id: str) -> None:
+        key = (updates.c.federation_id == fid) & (updates.c.round == rnd) & (updates.c.agent_id == agent_id)
+        conn.execute(updates.delete().where(key))
+
+    # ---------------------------------------------------------------- models
+    def add_model(self, conn: Connection, fid: str, version: int, blob: str,
+                  patch_blob: str | None, state_blob: str | None) -> None:
+        conn.execute(models.insert().values(
+            federation_id=fid, version=version, blob=blob, patch_blob=patch_blob,
+            state_blob=state_blob, created_at=time.time(),
+        ))
+
+    def get_model(self, conn: Connection, fid: str, version: int) -> dict[str, Any] | None:
+        key = (models.c.federation_id == fid) & (models.c.version == version)
+        r = conn.execute(select(models).where(key)).mappings().first()
+        return dict(r) if r else None
+
+    # ---------------------------------------------------------------- byte counters
+    def add_download_bytes(self, conn: Connection, fid: str, rnd: int, n: int) -> None:
+        key = (downloads.c.federation_id == fid) & (downloads.c.round == rnd)
+        if conn.execute(select(downloads.c.bytes).where(key)).first():
+            conn.execute(downloads.update().where(key).values(bytes=downloads.c.bytes + n))
+        else:
+            conn.execute(downloads.insert().values(federation_id=fid, round=rnd, bytes=n))
+
+    def download_bytes(self, conn: Connection, fid: str, rnd: int) -> int:
+        key = (downloads.c.federation_id == fid) & (downloads.c.round == rnd)
+        return int(conn.execute(select(downloads.c.bytes).where(key)).scalar() or 0)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def _federation(r: Any) -> FederationRow:
+    return FederationRow(r["id"], json.loads(r["config"]), r["status"], r["current_round"],
+                         r["model_version"], r["created_at"])
+
+
+def _agent(r: Any) -> AgentRow:
+    return AgentRow(r["id"], r["name"], r["token_hash"], r["enrolled_at"], r["last_seen"], json.loads(r["info"]))
+
+
+def _round(r: Any) -> RoundRow:
+    return RoundRow(r["federation_id"], r["round"], r["status"], r["attempt"], r["base_version"],
+                    json.loads(r["selected"]), r["opened_at"], r["deadline"], r["closed_at"],
+                    json.loads(r["metrics"]) if r["metrics"] else None)
+
+
+def _update(r: Any) -> UpdateRow:
+    return UpdateRow(r["agent_id"], r["attempt"], r["num_samples"], r["bytes"], r["blob"], json.loads(r["report"]))

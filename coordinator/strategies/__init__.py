@@ -1,0 +1,24 @@
+"""Aggregation strategies, selected by name in the federation config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coordinator.strategies.base import RoundContext, RoundResult, Strategy, Weights
+from coordinator.strategies.fedavg import FedAvg
+
+__all__ = ["STRATEGIES", "RoundContext", "RoundResult", "Strategy", "Weights", "build_strategy"]
+
+STRATEGIES: dict[str, type[Strategy]] = {FedAvg.name: FedAvg}
+
+
+def build_strategy(name: str, params: dict[str, Any]) -> Strategy:
+    """Instantiate a strategy; unknown names and bad params raise ValueError."""
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGIES))}") from None
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise ValueError(f"bad params for strategy {name!r}: {exc}") from None

@@ -1,0 +1,57 @@
+"""The strategy contract: data in, data out (no HTTP, no database, no logging of transport).
+
+A strategy sees the global weights, the streaming mean of the round's deltas and its own
+persistent arrays, and proposes the next global weights. Broadcast compression, storage
+and evaluation are the service's job.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+__all__ = ["RoundContext", "RoundResult", "Strategy", "Weights"]
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    round: int  # the round being closed, 1-based
+    total_rounds: int
+    model: str
+    in_channels: int
+    num_classes: int
+    image_size: int | None
+    participants: int
+
+
+@dataclass
+class RoundResult:
+    weights: Weights  # proposed next global weights
+    structure_changed: bool = False  # tensor shapes differ: agents need a full download
+    state: dict[str, np.ndarray] = field(default_factory=dict)  # strategy's persistent arrays
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    # How the accumulator averages coordinates not every client sent ("zero": missing
+    # counts as no change; "senders": average over the clients that sent it).
+    fill: ClassVar[Literal["zero", "senders"]] = "zero"
+
+    def task_params(self, rnd: int, weights: Weights, state: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Strategy parameters the agents need for round `rnd` (sent in the task)."""
+        return {}
+
+    def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
+        """Chance to transform the freshly initialised model before round 1."""
+        return weights
+
+    @abstractmethod
+    def aggregate(
+        self, ctx: RoundContext, weights: Weights, mean_delta: Weights, state: dict[str, np.ndarray]
+    ) -> RoundResult: ...

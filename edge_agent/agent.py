@@ -1,0 +1,147 @@
+"""The agent's main loop: poll → sync the model → train → upload, surviving coordinator
+restarts and flaky networks. Durable state (token, cached model, error-feedback
+residual) lives in a state directory as JSON and .npz (never pickle)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.protocol import Task
+from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
+from edge_agent.local import BudgetExceeded, run_task
+from models import ImageDataset
+from sparse_kernels import ErrorFeedback, decode
+from sparse_kernels.patch import apply_delta
+
+__all__ = ["AgentState", "EdgeAgent"]
+
+log = logging.getLogger("fedslim.agent")
+Weights = dict[str, np.ndarray]
+_MAX_PATCH_CHAIN = 4  # further behind than this, a full download is cheaper
+
+
+@dataclass
+class AgentState:
+    """What survives a restart, under `root`."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        path = self.root / "identity.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def save_identity(self, agent_id: str, token: str, url: str) -> None:
+        path = self.root / "identity.json"
+        path.write_text(json.dumps({"agent_id": agent_id, "agent_token": token, "url": url}))
+        path.chmod(0o600)
+
+    def load_arrays(self, name: str) -> tuple[dict[str, str], Weights] | None:
+        path = self.root / f"{name}.npz"
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            return meta, {k.replace("|", "/"): z[k] for k in z.files if k != "__meta__"}
+
+    def save_arrays(self, name: str, meta: dict[str, object], arrays: Weights) -> None:
+        tmp = self.root / f"{name}.tmp.npz"
+        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **{k.replace("/", "|"): v for k, v in arrays.items()})
+        tmp.replace(self.root / f"{name}.npz")
+
+
+@dataclass
+class EdgeAgent:
+    client: CoordinatorClient
+    data: ImageDataset
+    state: AgentState
+    memory_budget_bytes: int | None = None
+    seed: int = 0
+    progress: bool = False
+    _model: tuple[str, int, Weights] | None = field(default=None, init=False)  # (federation, version, weights)
+
+    # ------------------------------------------------------------------ model sync
+    def sync_model(self, federation_id: str, version: int) -> Weights:
+        """The global weights at `version`: cached, patched forward, or downloaded."""
+        if self._model is None:
+            cached = self.state.load_arrays("model")
+            if cached:
+                self._model = (cached[0]["federation"], int(cached[0]["version"]), cached[1])
+        if self._model and self._model[0] == federation_id and 0 <= version - self._model[1] <= _MAX_PATCH_CHAIN:
+            have, weights = self._model[1], {k: v.copy() for k, v in self._model[2].items()}
+            try:
+                for v in range(have + 1, version + 1):
+                    apply_delta(weights, decode(self.client.download_patch(federation_id, v)))
+                return self._remember(federation_id, version, weights)
+            except (CoordinatorRefused, KeyError) as exc:  # no patch (structure changed): full download
+                log.info("patch path unavailable (%s); downloading the full model", exc)
+        full = decode(self.client.download_model(federation_id, version), max_bytes=1 << 34)
+        return self._remember(federation_id, version, full.to_dense())
+
+    def _remember(self, federation_id: str, version: int, weights: Weights) -> Weights:
+        self._model = (federation_id, version, weights)
+        self.state.save_arrays("model", {"federation": federation_id, "version": version}, weights)
+        return {k: v.copy() for k, v in weights.items()}
+
+    # ------------------------------------------------------------------ one task
+    def _feedback(self, federation_id: str, weights: Weights) -> ErrorFeedback:
+        feedback = ErrorFeedback()
+        saved = self.state.load_arrays("residual")
+        if saved and saved[0].get("federation") == federation_id and all(
+            k in weights and weights[k].shape == v.shape for k, v in saved[1].items()
+        ):
+            feedback.load_state_dict(saved[1])  # else the structure changed: start afresh
+        return feedback
+
+    def handle(self, task: Task) -> None:
+        if time.time() > task.deadline:
+            log.warning("round %d: deadline already passed, skipping", task.round)
+            return
+        weights = self.sync_model(task.federation_id, task.model_version)
+        feedback = self._feedback(task.federation_id, weights)
+        result = run_task(task, weights, self.data, feedback, memory_budget_bytes=self.memory_budget_bytes,
+                          seed=self.seed, progress=self.progress)
+        receipt = self.client.upload_update(task.federation_id, task.round, result.body, result.report)
+        self.state.save_arrays("residual", {"federation": task.federation_id}, feedback.state_dict())
+        log.info("round %d: uploaded %d bytes (loss %.4f, %d samples, peak %.1f MB)%s", task.round,
+                 len(result.body), result.report.train_loss, result.report.num_samples,
+                 result.report.peak_memory_bytes / 2**20, " (duplicate)" if receipt.duplicate else "")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, max_tasks: int | None = None, idle_exit_s: float | None = None, poll_s: float = 20.0) -> int:
+        """Work until `max_tasks` tasks are done or no task came for `idle_exit_s`."""
+        done, idle_since = 0, time.monotonic()
+        while max_tasks is None or done < max_tasks:
+            try:
+                task = self.client.poll_task(poll_s)
+            except CoordinatorUnavailable as exc:
+                log.warning("coordinator unreachable (%s); retrying", exc)
+                task = None
+                time.sleep(1.0)
+            if task is None:
+                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    break
+                continue
+            try:
+                self.handle(task)
+                done += 1
+            except BudgetExceeded as exc:
+                log.error("round %d: %s", task.round, exc)
+                time.sleep(poll_s)
+            except CoordinatorRefused as exc:
+                log.warning("round %d: coordinator refused: %s", task.round, exc)
+                if exc.status == 401:
+                    raise
+            except CoordinatorUnavailable as exc:
+                log.warning("round %d: upload failed (%s)", task.round, exc)
+            idle_since = time.monotonic()
+        return done

@@ -1,0 +1,109 @@
+"""`fedslim-agent`: enroll, run, export, infer.
+
+Imports are lazy per command so `fedslim-agent infer` needs only onnxruntime + numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _client(url: str, token: str | None, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    import httpx
+
+    from edge_agent.client import CoordinatorClient
+
+    return CoordinatorClient(httpx.Client(base_url=url, timeout=timeout), token=token)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from edge_agent.agent import AgentState
+    from edge_agent.budget import parse_size
+
+    budget = parse_size(args.memory_budget) if args.memory_budget else None
+    client = _client(args.url, None)
+    token = args.enrollment_token or os.environ.get("FEDSLIM_ENROLLMENT_TOKEN", "")
+    enrolled = client.enroll(token, name=args.name, memory_budget_bytes=budget, platform=platform.platform())
+    AgentState(Path(args.state_dir)).save_identity(enrolled.agent_id, enrolled.agent_token, args.url)
+    print(f"enrolled as {enrolled.agent_id}; identity saved in {args.state_dir}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from edge_agent.agent import AgentState, EdgeAgent
+    from edge_agent.budget import parse_size
+    from models import load_dataset, partition
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{args.state_dir}] %(message)s")
+    state = AgentState(Path(args.state_dir))
+    identity = state.identity
+    if not identity:
+        if not args.enrollment_token and not os.environ.get("FEDSLIM_ENROLLMENT_TOKEN"):
+            print("not enrolled: run `fedslim-agent enroll` first or pass --enrollment-token", file=sys.stderr)
+            return 2
+        args.url, args.name, args.memory_budget = args.url, args.name, args.memory_budget
+        _enroll(args)
+        identity = state.identity
+    data = load_dataset(args.dataset, args.data_dir, "train", seed=args.seed)
+    if args.num_clients > 1:
+        parts = partition(data.labels, args.num_clients, args.partition, seed=args.seed)
+        data = data.subset(parts[args.client_index])
+    agent = EdgeAgent(
+        client=_client(args.url or identity["url"], identity["agent_token"]), data=data, state=state,
+        memory_budget_bytes=parse_size(args.memory_budget) if args.memory_budget else None,
+        seed=args.seed * 1000 + args.client_index, progress=args.progress,
+    )
+    logging.getLogger("fedslim.agent").info("%d local samples", len(data))
+    agent.run(max_tasks=args.max_tasks, idle_exit_s=args.idle_exit, poll_s=args.poll)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        from edge_agent.export import export_main
+
+        return int(export_main(argv[1:]))
+    if argv and argv[0] == "infer":
+        from edge_agent.infer import main as infer_main
+
+        return int(infer_main(argv[1:]))
+    parser = argparse.ArgumentParser(prog="fedslim-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("enroll", "run"):
+        p = sub.add_parser(name)
+        p.add_argument("--url", default=None if name == "run" else "http://127.0.0.1:8080")
+        p.add_argument("--state-dir", default="fedslim-agent")
+        p.add_argument("--enrollment-token", default=None)
+        p.add_argument("--name", default=platform.node().replace(" ", "-") or "agent")
+        p.add_argument("--memory-budget", default=None, help="training working-set budget, e.g. 256MB")
+    run = sub.choices["run"]
+    run.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "cifar10", "synthetic"])
+    run.add_argument("--data-dir", default=None)
+    run.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:<alpha> | shards:<k>")
+    run.add_argument("--client-index", type=int, default=0)
+    run.add_argument("--num-clients", type=int, default=1)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--threads", type=int, default=1, help="torch threads")
+    run.add_argument("--max-tasks", type=int, default=None)
+    run.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    run.add_argument("--poll", type=float, default=20.0, help="long-poll seconds")
+    run.add_argument("--progress", action="store_true")
+    sub.add_parser("export", help="export a checkpoint to ONNX (see `fedslim-agent export --help`)")
+    sub.add_parser("infer", help="classify inputs with an ONNX model (torch-free)")
+    args = parser.parse_args(argv)
+    return _enroll(args) if args.cmd == "enroll" else _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

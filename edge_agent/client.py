@@ -1,0 +1,115 @@
+"""The agent's HTTP client for the coordinator. The `httpx.Client` comes from outside,
+so tests run it against the ASGI app in-process or a real uvicorn on loopback.
+
+Transient failures (connection errors, timeouts, 429/5xx) are retried with exponential
+backoff and full jitter; 4xx answers are final and raise `CoordinatorRefused`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import httpx
+
+from coordinator.protocol import (
+    API_PREFIX,
+    KIND_HEADER,
+    REPORT_HEADER,
+    VERSION_HEADER,
+    EnrollRequest,
+    EnrollResponse,
+    Task,
+    UpdateReceipt,
+    UpdateReport,
+)
+
+__all__ = ["CoordinatorClient", "CoordinatorRefused", "CoordinatorUnavailable"]
+
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class CoordinatorRefused(Exception):
+    """The coordinator answered with a final 4xx (bad token, stale round, bad update)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+class CoordinatorUnavailable(Exception):
+    """Retries exhausted: the coordinator could not be reached."""
+
+
+class CoordinatorClient:
+    def __init__(self, http: httpx.Client, *, token: str | None = None, max_tries: int = 6,
+                 backoff_s: float = 0.5, max_backoff_s: float = 20.0, rng: random.Random | None = None) -> None:
+        self.http, self.token = http, token
+        self.max_tries, self.backoff_s, self.max_backoff_s = max_tries, backoff_s, max_backoff_s
+        self.rng = rng or random.Random()
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    # ------------------------------------------------------------------ plumbing
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        headers = dict(kw.pop("headers", {}) or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for attempt in range(self.max_tries):
+            try:
+                resp = self.http.request(method, API_PREFIX + path, headers=headers, **kw)
+            except httpx.TransportError as exc:
+                error: str = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code not in _RETRY_STATUS:
+                    if resp.is_client_error:
+                        raise CoordinatorRefused(resp.status_code, _detail(resp))
+                    resp.raise_for_status()
+                    return resp
+                error = f"HTTP {resp.status_code}"
+            if attempt + 1 < self.max_tries:  # full jitter (AWS architecture blog)
+                time.sleep(self.rng.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt)))
+        raise CoordinatorUnavailable(f"{method} {path} failed {self.max_tries} times; last: {error}")
+
+    # ------------------------------------------------------------------ API
+    def enroll(self, enrollment_token: str, *, name: str, memory_budget_bytes: int | None = None,
+               platform: str = "") -> EnrollResponse:
+        req = EnrollRequest(enrollment_token=enrollment_token, name=name,
+                            memory_budget_bytes=memory_budget_bytes, platform=platform)
+        resp = self._request("POST", "/agents/enroll", json=req.model_dump())
+        enrolled = EnrollResponse.model_validate_json(resp.content)
+        self.token = enrolled.agent_token
+        return enrolled
+
+    def poll_task(self, wait_s: float = 20.0) -> Task | None:
+        resp = self._request("GET", "/tasks", params={"wait": wait_s}, timeout=wait_s + 30)
+        return None if resp.status_code == 204 else Task.model_validate_json(resp.content)
+
+    def download_model(self, federation_id: str, version: int) -> bytes:
+        return self._download(f"/federations/{federation_id}/models/{version}", "model")
+
+    def download_patch(self, federation_id: str, version: int) -> bytes:
+        """The delta from version-1 to `version`; CoordinatorRefused(404) if none exists."""
+        return self._download(f"/federations/{federation_id}/models/{version}/patch", "patch")
+
+    def _download(self, path: str, kind: str) -> bytes:
+        resp = self._request("GET", path)
+        if resp.headers.get(KIND_HEADER, kind) != kind or VERSION_HEADER not in resp.headers:
+            raise CoordinatorRefused(resp.status_code, f"unexpected response for {path}")
+        self.bytes_down += len(resp.content)
+        return resp.content
+
+    def upload_update(self, federation_id: str, rnd: int, body: bytes, report: UpdateReport) -> UpdateReceipt:
+        resp = self._request("PUT", f"/federations/{federation_id}/rounds/{rnd}/update", content=body,
+                             headers={REPORT_HEADER: report.model_dump_json(),
+                                      "Content-Type": "application/octet-stream"})
+        self.bytes_up += len(body)
+        return UpdateReceipt.model_validate_json(resp.content)
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("detail", resp.text))
+    except ValueError:
+        return resp.text[:500]

@@ -1,0 +1,77 @@
+"""One task's local work as a function: build the model from the global weights, plan
+memory, train, and return the compressed delta with a report. No HTTP here."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from coordinator.protocol import Task, UpdateReport
+from edge_agent.budget import BudgetExceeded, PeakMemoryMeter, plan_training
+from models import ImageDataset, train_epochs
+from models.state import build_from_state, to_numpy_state
+from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
+
+__all__ = ["LocalResult", "run_task"]
+
+Weights = dict[str, np.ndarray]
+_SMALL_TENSOR = 1024  # biases and BN vectors travel whole
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    body: bytes  # the encoded update
+    report: UpdateReport
+    delta: ModelDelta
+
+
+def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFeedback, *,
+             memory_budget_bytes: int | None = None, seed: int = 0, progress: bool = False) -> LocalResult:
+    cfg = task.training
+    model = build_from_state(task.model, weights, in_channels=task.in_channels,
+                             num_classes=task.num_classes, image_size=task.image_size)
+    budget = memory_budget_bytes
+    if budget is None and task.memory_budget_mb:
+        budget = int(task.memory_budget_mb * 2**20)
+    batch_size, planned, frozen = cfg.batch_size, 0, ()
+    if budget is not None:
+        plan = plan_training(model, data.input_shape, budget, preferred_batch=cfg.batch_size,
+                             optimizer="sgd_momentum" if cfg.momentum else "sgd")
+        batch_size, planned, frozen = plan.batch_size, plan.estimate.total, plan.frozen
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start = time.perf_counter()
+    with PeakMemoryMeter() as meter:
+        stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch_size,
+                             seed=seed * 100_003 + task.round, progress=progress, max_steps=cfg.max_steps)
+    local = to_numpy_state(model)
+    change = {k: local[k] - weights[k] for k in weights}
+    meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
+                     num_samples=stats.samples, kind="delta")
+    if cfg.upload_density >= 1.0 and cfg.upload_values == "fp32":
+        delta = ModelDelta(meta, tuple(SparseTensor.from_dense(k, v) for k, v in change.items()))
+    else:
+        delta = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
+                                  min_dense_numel=_SMALL_TENSOR)
+    body = encode(delta, values=cfg.upload_values)
+    report = UpdateReport(
+        num_samples=max(stats.samples, 1), train_loss=float(np.nan_to_num(stats.loss, nan=1e9, posinf=1e9)),
+        train_accuracy=stats.accuracy, train_seconds=time.perf_counter() - start,
+        peak_memory_bytes=meter.peak_rise_bytes, planned_memory_bytes=planned,
+        baseline_memory_bytes=meter.baseline_bytes, batch_size=batch_size,
+    )
+    return LocalResult(body, report, delta)
+
+
+def default_threads(agents_on_host: int) -> int:
+    """Torch threads per agent so that co-located agents do not oversubscribe the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, agents_on_host))
+
+
+__all__ += ["BudgetExceeded", "default_threads"]

@@ -1,0 +1,51 @@
+"""A model's weights as plain numpy data: the form that strategies, the codec and the
+store handle (float32 arrays keyed by state_dict name; integer buffers such as BN's
+`num_batches_tracked` are not part of it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["build_from_state", "load_numpy_state", "to_numpy_state"]
+
+Weights = dict[str, np.ndarray]
+
+
+def to_numpy_state(model: nn.Module) -> Weights:
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
+    }
+
+
+def load_numpy_state(model: nn.Module, weights: Weights) -> nn.Module:
+    """Copy `weights` into `model` (shapes must match; missing float entries are an error)."""
+    state = model.state_dict()
+    floats = {k for k, v in state.items() if v.is_floating_point()}
+    if floats != set(weights):
+        missing, extra = sorted(floats - set(weights)), sorted(set(weights) - floats)
+        raise KeyError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for k in floats:
+            if tuple(state[k].shape) != weights[k].shape:
+                raise ValueError(f"{k}: model has shape {tuple(state[k].shape)}, weights {weights[k].shape}")
+            state[k].copy_(torch.from_numpy(weights[k]))
+    return model
+
+
+def build_from_state(
+    name: str, weights: Weights, *, in_channels: int, num_classes: int, image_size: int | None = None
+) -> nn.Module:
+    """Build zoo model `name` with the (possibly channel-pruned) structure of `weights`."""
+    from models.zoo import build_model
+
+    model = build_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if any(shapes.get(k) != w.shape for k, w in weights.items()):
+        from models.structure import reshape_to  # structured-pruned: shrink modules first
+
+        model = reshape_to(model, {k: tuple(w.shape) for k, w in weights.items()})
+    return load_numpy_state(model, weights)
