@@ -77,7 +77,8 @@ def dequantize(buf: bytes | memoryview, mode: str, nnz: int, scale: float, name:
                 raise MalformedPayload(f"{name}: nonzero int8 values with zero scale")
         elif int(np.abs(out).max(initial=0)) > 127:
             raise MalformedPayload(f"{name}: int8 value -128 is not produced by the encoder")
-        out *= np.float32(scale)
+        with np.errstate(over="ignore"):  # an overflow becomes Inf, rejected below
+            out *= np.float32(scale)
     elif mode == "ternary":
         raw = np.frombuffer(buf, dtype=np.uint8)
         if nnz % 8 and raw[-1] & ((1 << (8 - nnz % 8)) - 1):
