@@ -1,0 +1,219 @@
+"""`fedslim-agent infer`: classify images or a .npy batch with an exported ONNX model.
+
+Imports onnxruntime and numpy only — never torch, nor any fedslim module that does — so a
+device can run the exported model without PyTorch installed.
+
+Inputs:
+  *.npy   float32 (N, C, H, W): fed as is (already normalised);
+          uint8 (N, H, W) / (N, H, W, C) / (H, W): scaled to [0, 1], normalised by --mean/--std
+  *.pgm, *.ppm, *.pnm  (P2/P3/P5/P6, maxval ≤ 255), read with numpy alone
+  *.png and others     read with Pillow if it is importable
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["InferError", "classify", "load_inputs", "main", "read_pnm"]
+
+# Fashion-MNIST training-split statistics (models.transforms.DATASET_STATS).
+DEFAULT_MEAN, DEFAULT_STD = "0.2860", "0.3530"
+
+
+class InferError(ValueError):
+    """An input cannot be read or does not fit the model; the message names it."""
+
+
+def read_pnm(path: str | Path) -> np.ndarray:
+    """Netpbm gray (P2/P5) or colour (P3/P6) image → uint8 (H, W, C)."""
+    raw = Path(path).read_bytes()
+    magic = raw[:2]
+    if magic not in (b"P2", b"P3", b"P5", b"P6"):
+        raise InferError(f"{path}: not a PGM/PPM image (magic {magic!r})")
+    channels = 3 if magic in (b"P3", b"P6") else 1
+    # Header: magic, width, height, maxval, separated by whitespace; '#' starts a comment.
+    fields: list[int] = []
+    pos = 2
+    while len(fields) < 3:
+        while pos < len(raw) and raw[pos : pos + 1].isspace():
+            pos += 1
+        if raw[pos : pos + 1] == b"#":
+            pos = raw.find(b"\n", pos) + 1 or len(raw)
+            continue
+        start = pos
+        while pos < len(raw) and not raw[pos : pos + 1].isspace():
+            pos += 1
+        try:
+            fields.append(int(raw[start:pos]))
+        except ValueError:
+            raise InferError(f"{path}: malformed PNM header") from None
+    width, height, maxval = fields
+    if not 0 < maxval <= 255:
+        raise InferError(f"{path}: only 8-bit PNM is supported (maxval {maxval})")
+    count = width * height * channels
+    if magic in (b"P5", b"P6"):
+        data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=pos + 1) if len(raw) >= pos + 1 + count else None
+    else:
+        values = raw[pos:].split()
+        data = np.array([int(v) for v in values[:count]], dtype=np.int64) if len(values) >= count else None
+    if data is None:
+        raise InferError(f"{path}: truncated image data (expected {count} values)")
+    scaled = data.astype(np.float64) * (255.0 / maxval)
+    return np.rint(scaled).astype(np.uint8).reshape(height, width, channels)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    if path.suffix.lower() in (".pgm", ".ppm", ".pnm", ".pbm"):
+        return read_pnm(path)
+    try:
+        from PIL import Image  # optional: only for PNG/JPEG inputs
+    except ImportError:
+        raise InferError(f"{path}: reading {path.suffix or 'this'} images needs Pillow; "
+                         "install it or convert to PGM/PPM or .npy") from None
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "I;16", "I") else "RGB"))
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) → float32 (N, C, H, W), (x/255 − mean)/std per channel."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return (x - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
+
+
+def _fit_channels(images: np.ndarray, channels: int, source: str) -> np.ndarray:
+    """uint8 (N, H, W, C) with C converted to `channels` (gray ↔ RGB)."""
+    have = images.shape[-1]
+    if have == channels:
+        return images
+    if have == 1:
+        return np.repeat(images, channels, axis=-1)
+    if have == 3 and channels == 1:
+        luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.rint(luma).astype(np.uint8)[..., None]
+    raise InferError(f"{source}: {have} channels cannot feed a {channels}-channel model")
+
+
+def load_inputs(
+    paths: list[str], input_shape: tuple[int, int, int], mean: np.ndarray, std: np.ndarray
+) -> list[tuple[str, np.ndarray]]:
+    """Each input file → (label, float32 (N, C, H, W) batch) matching `input_shape` (C, H, W)."""
+    c, h, w = input_shape
+    out: list[tuple[str, np.ndarray]] = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise InferError(f"{path}: no such file")
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+            if arr.dtype == np.uint8:
+                if arr.ndim == 2:
+                    arr = arr[None]
+                if arr.ndim == 3:
+                    arr = arr[..., None]
+                if arr.ndim != 4:
+                    raise InferError(f"{path}: uint8 arrays must be (N, H, W[, C]), got {arr.shape}")
+                batch = _normalise(_fit_channels(arr, c, str(path)), mean, std)
+            elif arr.dtype.kind == "f" and arr.ndim == 4:
+                batch = arr.astype(np.float32)
+            else:
+                raise InferError(f"{path}: expected float (N, C, H, W) or uint8 (N, H, W[, C]), "
+                                 f"got {arr.dtype} {arr.shape}")
+        else:
+            img = _fit_channels(_read_image(path)[None], c, str(path))
+            batch = _normalise(img, mean, std)
+        if batch.shape[1:] != (c, h, w):
+            raise InferError(f"{path}: input is {batch.shape[1:]} (C, H, W) but the model expects {(c, h, w)}")
+        out.append((str(path), np.ascontiguousarray(batch)))
+    return out
+
+
+def classify(session: ort.InferenceSession, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (N, C, H, W) → (class index (N,), softmax probability of that class (N,))."""
+    name = session.get_inputs()[0].name
+    (logits,) = session.run(None, {name: batch})
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    top = probs.argmax(axis=1)
+    return top, probs[np.arange(len(top)), top]
+
+
+def _session(path: str, threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _input_shape(session: ort.InferenceSession) -> tuple[int, int, int]:
+    shape = session.get_inputs()[0].shape  # ["batch", C, H, W]
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+        raise InferError(f"model input must be (batch, C, H, W) with fixed C, H, W; got {shape}")
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+def _floats(text: str, channels: int, what: str) -> np.ndarray:
+    values = np.array([float(v) for v in text.split(",")], dtype=np.float32)
+    if len(values) == 1:
+        values = np.repeat(values, channels)
+    if len(values) != channels:
+        raise InferError(f"--{what} needs 1 or {channels} comma-separated values, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedslim-agent infer",
+                                description="Classify images or .npy batches with an ONNX model (no torch).")
+    p.add_argument("--model", required=True, help="ONNX model file")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".npy batch, PGM/PPM image (PNG with Pillow)")
+    p.add_argument("--mean", default=DEFAULT_MEAN, help="per-channel mean for uint8 inputs (default Fashion-MNIST)")
+    p.add_argument("--std", default=DEFAULT_STD, help="per-channel std for uint8 inputs (default Fashion-MNIST)")
+    p.add_argument("--labels", help="comma-separated class names to print beside indices")
+    p.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not Path(args.model).is_file():
+            raise InferError(f"{args.model}: no such model file")
+        try:
+            session = _session(args.model, args.threads)
+        except Exception as exc:  # ORT's pybind errors (InvalidProtobuf, Fail…) share no base
+            raise InferError(f"{args.model}: ONNX Runtime cannot load it: {exc}") from exc
+        shape = _input_shape(session)
+        mean, std = _floats(args.mean, shape[0], "mean"), _floats(args.std, shape[0], "std")
+        labels = args.labels.split(",") if args.labels else None
+        results: list[dict[str, Any]] = []
+        for source, batch in load_inputs(args.inputs, shape, mean, std):
+            top, prob = classify(session, batch)
+            for i, (k, p) in enumerate(zip(top.tolist(), prob.tolist(), strict=True)):
+                row: dict[str, Any] = {"input": source, "index": i, "class": int(k), "probability": float(p)}
+                if labels is not None and k < len(labels):
+                    row["label"] = labels[k]
+                results.append(row)
+    except (InferError, OSError, ValueError) as exc:
+        print(f"fedslim-agent infer: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            name = f" ({r['label']})" if "label" in r else ""
+            print(f"{r['input']}[{r['index']}]\tclass={r['class']}{name}\tp={r['probability']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
