@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def _open_bytes(path: Path) -> bytes:
     if path.suffix == ".gz":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a damaged body is zlib.error
             raise DatasetError(f"{path}: corrupt gzip stream ({exc})") from None
     return raw
 
@@ -146,6 +147,9 @@ class _BatchUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        # Protocol-2 pickles written by Python 3 (as `write_cifar_batch` does) spell bytes
+        # as _codecs.encode(str, "latin1"); it only encodes text.
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> object:

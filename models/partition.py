@@ -40,11 +40,35 @@ def partition_dirichlet(
 
 
 def partition_shards(labels: np.ndarray, num_clients: int, *, classes_per_client: int, seed: int = 0) -> list[np.ndarray]:
-    """Sort by label, cut into num_clients·k shards, deal k shards to each client
-    (McMahan et al. 2017): each client sees at most k classes (usually exactly k)."""
+    """Cut each class into shards, num_clients·k in all, and deal k shards to each client
+    (McMahan et al. 2017): each client sees at most k classes (usually exactly k).
+
+    Shards never straddle two classes (cutting the label-sorted order into equal pieces
+    would, whenever the shard size does not divide the class sizes, and then a client
+    could see up to 2k classes); each class gets shards in proportion to its size, at
+    least one, so num_clients·k must be at least the number of classes."""
     rng = np.random.default_rng(seed)
-    order = np.argsort(labels, kind="stable")
-    shards = np.array_split(order, num_clients * classes_per_client)
+    classes, counts = np.unique(labels, return_counts=True)
+    total = num_clients * classes_per_client
+    if total < len(classes):
+        raise ValueError(f"shards: {num_clients} clients × {classes_per_client} classes cannot cover {len(classes)} classes")
+    # Largest-remainder allocation of `total` shards over classes, at least one each.
+    share = counts * total / counts.sum()
+    per_class = np.maximum(np.floor(share).astype(int), 1)
+    by_remainder = np.argsort(-(share - np.floor(share)), kind="stable")
+    i = 0
+    while per_class.sum() != total:
+        c = by_remainder[i % len(classes)]
+        if per_class.sum() < total:
+            per_class[c] += 1
+        elif per_class[c] > 1:
+            per_class[c] -= 1
+        i += 1
+    shards = [
+        shard
+        for c, n in zip(classes, per_class, strict=True)
+        for shard in np.array_split(np.flatnonzero(labels == c), n)
+    ]
     deal = rng.permutation(len(shards)).reshape(num_clients, classes_per_client)
     return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
 
