@@ -64,7 +64,7 @@ def load_checkpoint(path: str | Path, *, model_name: str | None = None) -> tuple
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: not an .npz checkpoint ({exc})") from exc
     meta = _read_meta(path, arrays.pop(META_KEY, None))
     if model_name is not None:

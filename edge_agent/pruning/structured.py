@@ -112,7 +112,6 @@ def prune_channels(
         model.train(was_training)
 
 
-@torch.no_grad()
 def channel_importance(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -131,8 +130,8 @@ def channel_importance(
         graph, roots = _eligible_roots(model, example_input, ignored, layers)
         out: dict[str, torch.Tensor] = {}
         for root in roots:
-            group = _full_group(graph, root)
-            out[names[root]] = scorer(group).detach().cpu()
+            with torch.no_grad():
+                out[names[root]] = scorer(_full_group(graph, root)).detach().cpu()
         return out
     finally:
         model.train(was_training)
