@@ -90,6 +90,8 @@ class FederationCreate(_Strict):
     download_density: float = Field(1.0, gt=0, le=1)
     download_values: ValueEncoding = "fp32"
     memory_budget_mb: float | None = Field(None, gt=0)
+    # Uploads whose L2 norm exceeds this are rejected (a cheap defence against blow-ups).
+    max_update_norm: float | None = Field(None, gt=0)
     seed: int = 0
 
     @field_validator("min_clients")

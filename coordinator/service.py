@@ -304,7 +304,7 @@ class CoordinatorService:
                 f"update is for federation {meta.federation_id!r} round {meta.round} base {meta.base_version}; "
                 f"expected {fid!r} round {row.round} base {row.base_version}"
             )
-        bound = float(live.config.strategy.params.get("max_update_norm", 0) or 0)
+        bound = live.config.max_update_norm
         if bound:
             norm = float(np.sqrt(sum(float(np.dot(t.values, t.values)) for t in delta.tensors)))
             if norm > bound:
