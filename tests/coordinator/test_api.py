@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from coordinator.protocol import REPORT_HEADER, UpdateReport
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
 from edge_agent.agent import EdgeAgent
 from edge_agent.local import run_task
 from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
+
+ADMIN = {"Authorization": "Bearer dev-admin-token"}
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 20) -> None:
