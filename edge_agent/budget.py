@@ -235,7 +235,9 @@ def estimate_training_memory(
     Frozen parameters still count as parameters, and since autograd saves nothing for a
     frozen prefix of the network, freezing leading layers also removes their activations.
     device: "meta" (default) counts without allocating; "cpu" counts on a real pass over a
-    copy (the oracle the tests compare the meta count with).
+    copy (the oracle the tests compare the meta count with). The first meta pass in a
+    process imports torch's decompositions (a one-off rise of a few MB, 1–3 s): plan at
+    start-up, before the idle baseline is taken.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

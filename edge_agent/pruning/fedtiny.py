@@ -274,7 +274,8 @@ def prune_and_grow(
     """One FedTiny adjustment: per layer in `n_grow`, grow the n largest-|avg grad|
     positions among those pruned now (new weights = 0) and drop the n smallest-|w| active
     weights (set to 0), so each layer's density is unchanged. n is cut to the number of
-    growable candidates. Returns new masks and new (masked) weights; inputs are untouched.
+    growable candidates. Returns new masks and new weights, zero wherever the new mask is
+    False (every masked layer, adjusted or not); inputs are untouched.
     Layers not in `n_grow` pass through (FedTiny adjusts one layer/block at a time).
     """
     new_masks = {k: v.clone() for k, v in masks.items()}
@@ -296,4 +297,6 @@ def prune_and_grow(
         mask[grow] = True
         w[grow] = 0.0
         new_masks[name] = mask.view_as(masks[name])
+    for name, mask in new_masks.items():
+        new_weights[name].mul_(mask)
     return new_masks, new_weights

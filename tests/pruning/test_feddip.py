@@ -13,8 +13,8 @@ from edge_agent.pruning import (
     apply_masks,
     feddip_masks_for_round,
     feddip_regularizer,
-    mask_density,
     magnitude_masks,
+    mask_density,
     prunable_weights,
     random_erk_masks,
 )
