@@ -13,6 +13,11 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     # sparse FedAvg: top-10% fp16 uploads with error feedback, sparse fp16 broadcasts
     "sparse": {"name": "fedavg", "training": {"upload_density": 0.1, "upload_values": "fp16"},
                "download_density": 0.1, "download_values": "fp16"},
+    # the default: structured progressive pruning to 25% of the dense MACs over rounds
+    # 1–3, plus the sparse uploads/broadcasts above
+    "structured": {"name": "structured", "params": {"target_macs": 0.25, "start_round": 1, "prune_steps": 3},
+                   "training": {"upload_density": 0.1, "upload_values": "fp16"},
+                   "download_density": 0.1, "download_values": "fp16"},
 }
 
 

@@ -157,8 +157,8 @@ class CoordinatorService:
         fid = uuid.uuid4().hex[:12]
         weights = self.evaluator.initial_weights(config)
         ctx = self._context(config, 0, 0)
-        weights = strategy.initial_weights(weights, ctx)
-        blob = self.store.blobs.put(encode(_full_model(fid, 0, weights), values="fp32"))
+        weights = _round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
+        blob = self.store.blobs.put(encode(_full_model(fid, 0, weights), values=_model_values(weights)))
         row = FederationRow(fid, config.model_dump(mode="json"), FederationStatus.created.value, 0, 0, time.time())
         with self.store.tx() as conn:
             self.store.add_federation(conn, row)
@@ -395,7 +395,7 @@ class CoordinatorService:
             "agent_budget_mb": cfg.memory_budget_mb,
             **result.metrics,
         }
-        full_blob = self.store.blobs.put(encode(_full_model(fed.id, version, new_weights), values="fp32"))
+        full_blob = self.store.blobs.put(encode(_full_model(fed.id, version, new_weights), values=_model_values(new_weights)))
         patch_blob = self.store.blobs.put(patch) if patch is not None else None
         state_blob = self.store.blobs.put(_npz(state)) if state else None
         done = row.round >= cfg.rounds
@@ -416,8 +416,8 @@ class CoordinatorService:
         """Turn the strategy's target weights into what agents will hold: the old weights
         plus a (possibly sparse, quantised) patch, the rest kept in a server residual."""
         cfg = live.config
-        if structure_changed:
-            return target, None, {}
+        if structure_changed:  # a full download; fp16-rounded when the broadcast is lossy anyway
+            return _round_for_broadcast(target, cfg.download_values), None, {}
         feedback = ErrorFeedback()
         feedback.load_state_dict({k.removeprefix("residual/"): v for k, v in live.state.items() if k.startswith("residual/")})
         change = {k: target[k] - live.weights[k] for k in target}
@@ -454,6 +454,19 @@ class CoordinatorService:
 
 
 _SMALL_TENSOR = 1024  # biases and BN vectors travel whole
+
+
+def _round_for_broadcast(weights: Weights, values: str) -> Weights:
+    """Full models travel as fp16 when the federation's broadcast is lossy anyway."""
+    if values == "fp32":
+        return weights
+    return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
+
+
+def _model_values(weights: Weights) -> str:
+    """fp16 on the wire when every weight is exactly representable in it (lossless)."""
+    exact = all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in weights.values())
+    return "fp16" if exact else "fp32"
 
 
 def _is_bn_stat(name: str) -> bool:

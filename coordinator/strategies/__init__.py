@@ -6,10 +6,11 @@ from typing import Any
 
 from coordinator.strategies.base import RoundContext, RoundResult, Strategy, Weights
 from coordinator.strategies.fedavg import FedAvg
+from coordinator.strategies.structured import StructuredPruning
 
 __all__ = ["STRATEGIES", "RoundContext", "RoundResult", "Strategy", "Weights", "build_strategy"]
 
-STRATEGIES: dict[str, type[Strategy]] = {FedAvg.name: FedAvg}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, StructuredPruning)}
 
 
 def build_strategy(name: str, params: dict[str, Any]) -> Strategy:
