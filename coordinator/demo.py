@@ -142,7 +142,7 @@ def _wait_enrolled(http: httpx.Client, n: int, procs: list[subprocess.Popen], ti
     while time.monotonic() < end:
         if len(http.get("/v1/agents").json()) >= n:
             return
-        dead = [p.args for p in procs if p.poll() is not None]
+        dead = [str(p.args) for p in procs if p.poll() is not None]
         if dead:
             raise RuntimeError(f"a process exited early: {dead[0]}; see the logs")
         time.sleep(0.5)

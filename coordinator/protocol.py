@@ -78,13 +78,13 @@ class FederationCreate(_Strict):
     in_channels: int = Field(1, ge=1, le=4)
     num_classes: int = Field(10, ge=2, le=1000)
     image_size: int | None = Field(None, ge=8, le=512)
-    data: DataSpec = Field(default_factory=DataSpec)
+    data: DataSpec = Field(default_factory=lambda: DataSpec())
     rounds: int = Field(10, ge=1, le=100_000)
     clients_per_round: int = Field(10, ge=1, le=100_000)
     min_clients: int = Field(1, ge=1, le=100_000)
     round_deadline_s: float = Field(300.0, gt=0, le=86_400)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())
+    strategy: StrategySpec = Field(default_factory=lambda: StrategySpec())
     # Server-side broadcast compression: fraction of coordinates changed per round (the
     # rest is carried in a server residual); 1.0 sends every change exactly.
     download_density: float = Field(1.0, gt=0, le=1)

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -463,7 +463,7 @@ def _round_for_broadcast(weights: Weights, values: str) -> Weights:
     return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
 
 
-def _model_values(weights: Weights) -> str:
+def _model_values(weights: Weights) -> Literal["fp32", "fp16"]:
     """fp16 on the wire when every weight is exactly representable in it (lossless)."""
     exact = all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in weights.values())
     return "fp16" if exact else "fp32"
@@ -480,7 +480,7 @@ def _full_model(fid: str, version: int, weights: Weights) -> ModelDelta:
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k.replace("/", "|"): v for k, v in arrays.items()})
+    np.savez(buf, **{k.replace("/", "|"): v for k, v in arrays.items()})  # type: ignore[arg-type]
     return buf.getvalue()
 
 

@@ -55,7 +55,7 @@ class AgentState:
 
     def save_arrays(self, name: str, meta: dict[str, object], arrays: Weights) -> None:
         tmp = self.root / f"{name}.tmp.npz"
-        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **{k.replace("/", "|"): v for k, v in arrays.items()})
+        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **{k.replace("/", "|"): v for k, v in arrays.items()})  # type: ignore[arg-type]
         tmp.replace(self.root / f"{name}.npz")
 
 

@@ -43,7 +43,10 @@ def _run(args: argparse.Namespace) -> int:
     from edge_agent.budget import parse_size
     from models import load_dataset, partition
 
+    from edge_agent.budget import configure_allocator
+
     torch.set_num_threads(args.threads)
+    configure_allocator()  # RSS tracks live tensors, so the memory budget holds
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{args.state_dir}] %(message)s")
     state = AgentState(Path(args.state_dir))
     identity = state.identity

@@ -37,7 +37,8 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
     budget = memory_budget_bytes
     if budget is None and task.memory_budget_mb:
         budget = int(task.memory_budget_mb * 2**20)
-    batch_size, planned, frozen = cfg.batch_size, 0, ()
+    batch_size, planned = cfg.batch_size, 0
+    frozen: tuple[str, ...] = ()
     if budget is not None:
         plan = plan_training(model, data.input_shape, budget, preferred_batch=cfg.batch_size,
                              optimizer="sgd_momentum" if cfg.momentum else "sgd")

@@ -90,7 +90,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < header:
         raise DatasetError(f"{path}: truncated header ({len(raw)} of {header} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[dtype_code])
+    dtype = np.dtype(_IDX_DTYPES[dtype_code])  # type: ignore[call-overload]
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     body = len(raw) - header
     if body < expected:
@@ -103,7 +103,7 @@ def read_idx(path: str | Path) -> np.ndarray:
 def write_idx(path: str | Path, array: np.ndarray) -> None:
     """Write `array` as IDX (gzip when the name ends in .gz); the inverse of `read_idx`."""
     path = Path(path)
-    codes = [k for k, v in _IDX_DTYPES.items() if np.dtype(v).newbyteorder("=") == array.dtype.newbyteorder("=")]
+    codes = [k for k, v in _IDX_DTYPES.items() if np.dtype(v).newbyteorder("=") == array.dtype.newbyteorder("=")]  # type: ignore[call-overload]
     if not codes:
         raise ValueError(f"IDX cannot store dtype {array.dtype}")
     big = array.astype(array.dtype.newbyteorder(">"))

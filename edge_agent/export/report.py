@@ -203,7 +203,7 @@ def build_report(
                                   threads=threads, warmup=warmup, repeats=repeats)
         accuracy: dict[str, float | None] = {"dense": None, "pruned": None}
         eval_samples = 0
-        if data is not None:
+        if data is not None and eval_limit != 0:  # eval_limit=0: skip accuracy
             subset = data if eval_limit is None else data.subset(np.arange(min(eval_limit, len(data))))
             eval_samples = len(subset)
             for k, s in sessions.items():
