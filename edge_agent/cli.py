@@ -40,10 +40,8 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from edge_agent.agent import AgentState, EdgeAgent
-    from edge_agent.budget import parse_size
+    from edge_agent.budget import configure_allocator, parse_size
     from models import load_dataset, partition
-
-    from edge_agent.budget import configure_allocator
 
     torch.set_num_threads(args.threads)
     configure_allocator()  # RSS tracks live tensors, so the memory budget holds
