@@ -8,6 +8,7 @@ and a condition on it wakes long-polling agents when a round opens.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -71,6 +72,7 @@ class _Live:
     weights: Weights
     state: dict[str, np.ndarray]  # strategy arrays + the server's broadcast residual
     accumulator: SparseAccumulator | None = None
+    squares: SparseAccumulator | None = None  # of squared deltas, when the strategy wants them
     accumulator_key: tuple[int, int] | None = None  # (round, attempt) it holds
     bytes_up: int = 0
     round_started: float = field(default_factory=time.time)
@@ -287,8 +289,8 @@ class CoordinatorService:
                 self.store.add_update(conn, fid, rnd, UpdateRow(
                     agent.id, row.attempt, report.num_samples, len(body), digest, report.model_dump(),
                 ))
-            acc = self._accumulator(fid, live, row)
-            acc.fold(delta, float(report.num_samples))
+            self._accumulator(fid, live, row)  # (re)built for this attempt
+            self._fold(live, delta, float(report.num_samples))
             live.bytes_up += len(body)
         return True, False
 
@@ -314,15 +316,25 @@ class CoordinatorService:
     def _accumulator(self, fid: str, live: _Live, row: RoundRow) -> SparseAccumulator:
         key = (row.round, row.attempt)
         if live.accumulator is None or live.accumulator_key != key:
-            live.accumulator = SparseAccumulator({k: v.shape for k, v in live.weights.items()})
+            shapes = {k: v.shape for k, v in live.weights.items()}
+            live.accumulator = SparseAccumulator(shapes)
+            live.squares = SparseAccumulator(shapes) if live.strategy.wants_second_moment else None
             live.accumulator_key = key
             live.bytes_up = 0
             # after a restart: refold what was durably accepted in this attempt
             with self.store.tx() as conn:
                 for u in self.store.list_updates(conn, fid, row.round, row.attempt):
-                    live.accumulator.fold(decode(self.store.blobs.get(u.blob)), float(u.num_samples))
+                    self._fold(live, decode(self.store.blobs.get(u.blob)), float(u.num_samples))
                     live.bytes_up += u.bytes
         return live.accumulator
+
+    @staticmethod
+    def _fold(live: _Live, delta: ModelDelta, weight: float) -> None:
+        assert live.accumulator is not None
+        live.accumulator.fold(delta, weight)
+        if live.squares is not None:
+            squared = tuple(SparseTensor(t.name, t.shape, t.indices, t.values * t.values) for t in delta.tensors)
+            live.squares.fold(ModelDelta(delta.meta, squared), weight)
 
     # ------------------------------------------------------------------ scheduling
     def tick(self, now: float | None = None) -> None:
@@ -373,6 +385,8 @@ class CoordinatorService:
         with self.store.tx() as conn:
             ups = self.store.list_updates(conn, fed.id, row.round, row.attempt)
         ctx = self._context(cfg, row.round, len(ups))
+        if live.squares is not None:
+            ctx = dataclasses.replace(ctx, mean_sq_delta=live.squares.mean(fill=live.strategy.fill))
         strategy_state = {k: v for k, v in live.state.items() if not k.startswith("residual/")}
         result = live.strategy.aggregate(ctx, live.weights, acc.mean(fill=live.strategy.fill), strategy_state)
         version = fed.model_version + 1
@@ -406,7 +420,7 @@ class CoordinatorService:
             self.store.update_federation(conn, fed.id, current_round=row.round, model_version=version,
                                          status="completed" if done else fed.status)
         live.version, live.weights, live.state = version, new_weights, state
-        live.accumulator, live.accumulator_key = None, None
+        live.accumulator, live.squares, live.accumulator_key = None, None, None
         live.round_started = time.time()
         log.info("federation %s: round %d closed: accuracy %.4f, %d participants",
                  fed.id, row.round, evaluation.accuracy, len(ups))

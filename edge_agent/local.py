@@ -12,6 +12,7 @@ import torch
 
 from coordinator.protocol import Task, UpdateReport
 from edge_agent.budget import BudgetExceeded, PeakMemoryMeter, plan_training
+from edge_agent.strategy_hooks import hooks_for
 from models import ImageDataset, train_epochs
 from models.state import build_from_state, to_numpy_state
 from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
@@ -47,10 +48,12 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         p.requires_grad_(name not in frozen)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    hooks = hooks_for(task, model, weights)
     start = time.perf_counter()
-    with PeakMemoryMeter() as meter:
+    with PeakMemoryMeter() as meter, hooks.context:
         stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch_size,
-                             seed=seed * 100_003 + task.round, progress=progress, max_steps=cfg.max_steps)
+                             seed=seed * 100_003 + task.round, progress=progress, max_steps=cfg.max_steps,
+                             regularizer=hooks.regularizer, after_step=hooks.after_step)
     local = to_numpy_state(model)
     change = {k: local[k] - weights[k] for k in weights}
     meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
@@ -59,7 +62,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         delta = ModelDelta(meta, tuple(SparseTensor.from_dense(k, v) for k, v in change.items()))
     else:
         delta = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
-                                  min_dense_numel=_SMALL_TENSOR)
+                                  min_dense_numel=_SMALL_TENSOR, support=hooks.upload_support)
     body = encode(delta, values=cfg.upload_values)
     report = UpdateReport(
         num_samples=max(stats.samples, 1), train_loss=float(np.nan_to_num(stats.loss, nan=1e9, posinf=1e9)),

@@ -27,6 +27,9 @@ class RoundContext:
     num_classes: int
     image_size: int | None
     participants: int
+    # Weighted mean of the squared deltas, for strategies with `wants_second_moment`
+    # (AutoFLIP's guidance scores); None otherwise.
+    mean_sq_delta: Weights | None = None
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Strategy(ABC):
     # How the accumulator averages coordinates not every client sent ("zero": missing
     # counts as no change; "senders": average over the clients that sent it).
     fill: ClassVar[Literal["zero", "senders"]] = "zero"
+    wants_second_moment: ClassVar[bool] = False
 
     def task_params(self, rnd: int, weights: Weights, state: dict[str, np.ndarray]) -> dict[str, Any]:
         """Strategy parameters the agents need for round `rnd` (sent in the task)."""

@@ -1,0 +1,38 @@
+"""Agent-side halves of the federation strategies: how local training changes for the
+strategy named in the task. Each entry maps (task, model, global weights) to hooks that
+`models.training.train_epochs` understands; strategies that need nothing special (fedavg,
+structured: the structure arrives in the weights' shapes) use the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from coordinator.protocol import Task
+
+__all__ = ["AGENT_HOOKS", "LocalHooks", "hooks_for"]
+
+
+@dataclass
+class LocalHooks:
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None
+    after_step: Callable[[], None] | None = None
+    # entered around local training (e.g. a masked forward with error feedback)
+    context: AbstractContextManager[object] = field(default_factory=nullcontext)
+    # boolean masks restricting which coordinates may be uploaded (None: any)
+    upload_support: dict[str, np.ndarray] | None = None
+
+
+HookFactory = Callable[[Task, nn.Module, dict[str, np.ndarray]], LocalHooks]
+AGENT_HOOKS: dict[str, HookFactory] = {}
+
+
+def hooks_for(task: Task, model: nn.Module, weights: dict[str, np.ndarray]) -> LocalHooks:
+    factory = AGENT_HOOKS.get(task.strategy.name)
+    return factory(task, model, weights) if factory else LocalHooks()
