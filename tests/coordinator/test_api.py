@@ -65,6 +65,17 @@ def test_bad_federation_config_is_a_clear_422(coordinator: TestClient) -> None:
     assert resp.status_code == 422
 
 
+def _settled(read: Callable[[], int], quiet_s: float = 1.5, timeout: float = 30) -> int:
+    """The value once it has not changed for `quiet_s` seconds."""
+    value, since, end = read(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < quiet_s and time.monotonic() < end:
+        time.sleep(0.1)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def _task_and_weights(agent: EdgeAgent) -> tuple:
     task = agent.client.poll_task(5)
     assert task is not None
@@ -171,9 +182,8 @@ def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, ma
     work()
     _wait(lambda: fed()["current_round"] == 1)
     assert coordinator.post(f"/v1/federations/{fid}/pause", headers=ADMIN).json()["status"] == "paused"
-    work()  # a round opened before the pause still finishes
-    paused_at = fed()["current_round"]
-    time.sleep(0.5)
+    work()  # a round opened before the pause still finishes...
+    paused_at = _settled(lambda: fed()["current_round"])
     assert agents[0].client.poll_task(1) is None  # ...but no new round opens while paused
     assert fed()["current_round"] == paused_at
     assert coordinator.post(f"/v1/federations/{fid}/pause", headers=ADMIN).status_code == 409  # already paused

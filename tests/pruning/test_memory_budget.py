@@ -105,6 +105,7 @@ def test_freeze_units_follow_forward_order() -> None:
     assert units[0][1] == ("conv1.weight",)
 
 
+@pytest.mark.isolated
 @pytest.mark.parametrize(
     ("name", "shape", "batch", "optimizer"),
     [
@@ -130,6 +131,7 @@ def test_estimate_within_25_percent_of_measured_peak(
         estimate.describe(), meter.peak_rise_bytes)
 
 
+@pytest.mark.isolated
 @pytest.mark.parametrize(
     ("budget", "batch_sizes", "expect_frozen"),
     [
