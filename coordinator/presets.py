@@ -18,6 +18,19 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "structured": {"name": "structured", "params": {"target_macs": 0.25, "start_round": 1, "prune_steps": 3},
                    "training": {"upload_density": 0.1, "upload_values": "fp16"},
                    "download_density": 0.1, "download_values": "fp16"},
+    # FedDIP: cubic sparsity 50% → 90% with global magnitude reconfiguration, error
+    # feedback and incremental regularisation; top-10% fp16 uploads of the dense delta.
+    # Broadcasts send every changed coordinate exactly (fp32), so that the zeros agents
+    # see are exactly the server's mask.
+    "feddip": {"name": "feddip", "params": {"s0": 0.5, "sT": 0.9, "lam_max": 1e-3},
+               "training": {"upload_density": 0.1, "upload_values": "fp16"},
+               "download_density": 1.0, "download_values": "fp32"},
+    # AutoFLIP: one exploration round, then the 30% of weights that moved least are pruned;
+    # dense fp16 uploads (the guidance scores need every coordinate's movement; after
+    # pruning only the kept ones travel), exact fp32 broadcasts as for FedDIP.
+    "autoflip": {"name": "autoflip", "params": {"explore_rounds": 1, "q": 0.3, "scope": "global"},
+                 "training": {"upload_density": 1.0, "upload_values": "fp16"},
+                 "download_density": 1.0, "download_values": "fp32"},
 }
 
 

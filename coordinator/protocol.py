@@ -171,6 +171,11 @@ class Task(_Strict):
     strategy: StrategySpec
     deadline: float  # unix time after which an upload is refused
     memory_budget_mb: float | None = None
+    # sha256 of the base model's canonical bytes: an agent that can rebuild them (the
+    # seeded initial model) skips the download
+    model_sha256: str = ""
+    seed: int = 0
+    download_values: ValueEncoding = "fp32"
 
 
 class UpdateReport(_Strict):

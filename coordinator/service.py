@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +51,7 @@ from sparse_kernels import (
     decode,
     encode,
 )
-from sparse_kernels.patch import apply_delta
+from sparse_kernels.patch import apply_delta, encode_model
 
 __all__ = ["CoordinatorService", "hash_token"]
 
@@ -160,7 +160,7 @@ class CoordinatorService:
         weights = self.evaluator.initial_weights(config)
         ctx = self._context(config, 0, 0)
         weights = _round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
-        blob = self.store.blobs.put(encode(_full_model(fid, 0, weights), values=_model_values(weights)))
+        blob = self.store.blobs.put(encode_model(fid, 0, weights))
         row = FederationRow(fid, config.model_dump(mode="json"), FederationStatus.created.value, 0, 0, time.time())
         with self.store.tx() as conn:
             self.store.add_federation(conn, row)
@@ -247,6 +247,7 @@ class CoordinatorService:
                     continue
                 live = self._load(fed)
                 cfg = live.config
+                base = self.store.get_model(conn, fed.id, rnd.base_version)
                 return Task(
                     federation_id=fed.id, round=rnd.round, model=cfg.model, in_channels=cfg.in_channels,
                     num_classes=cfg.num_classes, image_size=cfg.image_size, model_version=rnd.base_version,
@@ -255,6 +256,8 @@ class CoordinatorService:
                         "params": {**cfg.strategy.params, **live.strategy.task_params(rnd.round, live.weights, live.state)}
                     }),
                     deadline=rnd.deadline, memory_budget_mb=cfg.memory_budget_mb,
+                    model_sha256=base["blob"] if base else "", seed=cfg.seed,
+                    download_values=cfg.download_values,
                 )
         return None
 
@@ -409,7 +412,7 @@ class CoordinatorService:
             "agent_budget_mb": cfg.memory_budget_mb,
             **result.metrics,
         }
-        full_blob = self.store.blobs.put(encode(_full_model(fed.id, version, new_weights), values=_model_values(new_weights)))
+        full_blob = self.store.blobs.put(encode_model(fed.id, version, new_weights))
         patch_blob = self.store.blobs.put(patch) if patch is not None else None
         state_blob = self.store.blobs.put(_npz(state)) if state else None
         done = row.round >= cfg.rounds
@@ -477,19 +480,8 @@ def _round_for_broadcast(weights: Weights, values: str) -> Weights:
     return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
 
 
-def _model_values(weights: Weights) -> Literal["fp32", "fp16"]:
-    """fp16 on the wire when every weight is exactly representable in it (lossless)."""
-    exact = all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in weights.values())
-    return "fp16" if exact else "fp32"
-
-
 def _is_bn_stat(name: str) -> bool:
     return name.endswith(("running_mean", "running_var"))
-
-
-def _full_model(fid: str, version: int, weights: Weights) -> ModelDelta:
-    meta = DeltaMeta(federation_id=fid, round=version, base_version=version, num_samples=0, kind="model")
-    return ModelDelta(meta, tuple(SparseTensor.from_dense(k, v) for k, v in weights.items()))
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:

@@ -4,6 +4,7 @@ residual) lives in a state directory as JSON and .npz (never pickle)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -14,10 +15,10 @@ import numpy as np
 
 from coordinator.protocol import Task
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
-from edge_agent.local import BudgetExceeded, run_task
+from edge_agent.local import BudgetExceeded, initial_weights, run_task
 from models import ImageDataset
 from sparse_kernels import ErrorFeedback, decode
-from sparse_kernels.patch import apply_delta
+from sparse_kernels.patch import apply_delta, encode_model
 
 __all__ = ["AgentState", "EdgeAgent"]
 
@@ -70,8 +71,13 @@ class EdgeAgent:
     _model: tuple[str, int, Weights] | None = field(default=None, init=False)  # (federation, version, weights)
 
     # ------------------------------------------------------------------ model sync
-    def sync_model(self, federation_id: str, version: int) -> Weights:
-        """The global weights at `version`: cached, patched forward, or downloaded."""
+    def sync_model(self, federation_id: str, version: int, task: Task | None = None) -> Weights:
+        """The global weights at `version`: cached, patched forward, rebuilt from the
+        seed (version 0, checked against the task's sha256), or downloaded."""
+        if task is not None and version == 0 and task.model_sha256:
+            rebuilt = initial_weights(task)
+            if hashlib.sha256(encode_model(federation_id, 0, rebuilt)).hexdigest() == task.model_sha256:
+                return self._remember(federation_id, 0, rebuilt)
         if self._model is None:
             cached = self.state.load_arrays("model")
             if cached:
@@ -106,7 +112,7 @@ class EdgeAgent:
         if time.time() > task.deadline:
             log.warning("round %d: deadline already passed, skipping", task.round)
             return
-        weights = self.sync_model(task.federation_id, task.model_version)
+        weights = self.sync_model(task.federation_id, task.model_version, task)
         feedback = self._feedback(task.federation_id, weights)
         result = run_task(task, weights, self.data, feedback, memory_budget_bytes=self.memory_budget_bytes,
                           seed=self.seed, progress=self.progress)

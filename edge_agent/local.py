@@ -73,6 +73,19 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
     return LocalResult(body, report, delta)
 
 
+def initial_weights(task: Task) -> Weights:
+    """The federation's seeded initial model, built as the coordinator builds it."""
+    from models import build_model
+
+    torch.manual_seed(task.seed)
+    model = build_model(task.model, in_channels=task.in_channels, num_classes=task.num_classes,
+                        image_size=task.image_size)
+    weights = to_numpy_state(model)
+    if task.download_values != "fp32":  # the coordinator rounds lossy federations' models
+        weights = {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
+    return weights
+
+
 def default_threads(agents_on_host: int) -> int:
     """Torch threads per agent so that co-located agents do not oversubscribe the cores."""
     return max(1, (os.cpu_count() or 1) // max(1, agents_on_host))

@@ -36,3 +36,8 @@ AGENT_HOOKS: dict[str, HookFactory] = {}
 def hooks_for(task: Task, model: nn.Module, weights: dict[str, np.ndarray]) -> LocalHooks:
     factory = AGENT_HOOKS.get(task.strategy.name)
     return factory(task, model, weights) if factory else LocalHooks()
+
+
+# Strategy modules register their factories in AGENT_HOOKS when imported (at the bottom,
+# so that LocalHooks and AGENT_HOOKS exist when they do).
+import edge_agent.mask_hooks  # noqa: E402, F401

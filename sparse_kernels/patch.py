@@ -6,13 +6,15 @@ the model an agent reconstructs from a patch is bit-identical to the server's.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from typing import Literal
 
 import numpy as np
 
-from sparse_kernels.types import ModelDelta
+from sparse_kernels.codec import encode
+from sparse_kernels.types import DeltaMeta, ModelDelta
 
-__all__ = ["apply_delta"]
+__all__ = ["apply_delta", "encode_model", "model_values"]
 
 
 def apply_delta(weights: MutableMapping[str, np.ndarray], delta: ModelDelta) -> None:
@@ -23,3 +25,16 @@ def apply_delta(weights: MutableMapping[str, np.ndarray], delta: ModelDelta) -> 
             raise KeyError(f"delta tensor {t.name} {tuple(t.shape)} does not match the weights")
         flat = w.reshape(-1)  # a view: weights are contiguous float32
         flat[t.indices] += t.values.astype(np.float32, copy=False)
+
+
+def model_values(weights: Mapping[str, np.ndarray]) -> Literal["fp32", "fp16"]:
+    """fp16 on the wire when every weight is exactly representable in it (lossless)."""
+    exact = all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in weights.values())
+    return "fp16" if exact else "fp32"
+
+
+def encode_model(federation_id: str, version: int, weights: Mapping[str, np.ndarray]) -> bytes:
+    """The canonical bytes of a full model: the coordinator stores and serves these, and
+    an agent that rebuilt the same weights locally gets the same sha256."""
+    meta = DeltaMeta(federation_id=federation_id, round=version, base_version=version, num_samples=0, kind="model")
+    return encode(ModelDelta.from_dense(weights, meta), values=model_values(weights))
