@@ -147,6 +147,17 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     def model_patch(fid: str, version: int) -> Response:
         return _model_response(fid, version, True)
 
+    @api.get("/federations/{fid}/export/model.onnx", dependencies=[Reader], response_class=Response)
+    def export_model(fid: str) -> Response:
+        """The current global model, structured-pruned, as ONNX (verified against ORT)."""
+        path, _ = svc.export(fid)
+        return Response(path.read_bytes(), media_type=_OCTETS)
+
+    @api.get("/federations/{fid}/export/report", dependencies=[Reader])
+    def export_report(fid: str) -> dict:
+        """MACs dense vs pruned, parity, ORT latency and accuracy of the exported model."""
+        return svc.export(fid)[1]
+
     # ---------------------------------------------------------------- updates
     @api.put("/federations/{fid}/rounds/{rnd}/update")
     async def upload(fid: str, rnd: int, request: Request, who: Annotated[AgentRow, Depends(agent)],

@@ -31,7 +31,7 @@ class Evaluator:
         torch.manual_seed(cfg.seed)
         return to_numpy_state(self.model_for(cfg))
 
-    def _model(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> Any:
+    def model(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> Any:
         return build_from_state(cfg.model, weights, in_channels=cfg.in_channels,
                                 num_classes=cfg.num_classes, image_size=cfg.image_size)
 
@@ -46,8 +46,8 @@ class Evaluator:
             return self._data[key]
 
     def evaluate(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> Any:
-        return evaluate(self._model(cfg, weights), self.test_data(cfg))
+        return evaluate(self.model(cfg, weights), self.test_data(cfg))
 
     def macs(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> int:
         data = self.test_data(cfg)
-        return int(count_macs(self._model(cfg, weights), data.input_shape))
+        return int(count_macs(self.model(cfg, weights), data.input_shape))

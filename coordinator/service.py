@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from coordinator.errors import (
     Unauthorized,
 )
 from coordinator.evaluation import Evaluator
+from coordinator.exports import ExportCache
 from coordinator.protocol import (
     EnrollRequest,
     FederationCreate,
@@ -85,6 +87,7 @@ class CoordinatorService:
         self.lock = threading.RLock()
         self.round_opened = threading.Condition(self.lock)
         self.evaluator = Evaluator(torch_threads=settings.torch_threads)
+        self.exports = ExportCache(settings.data_dir / "exports", self.evaluator, threads=settings.torch_threads)
         self._live: dict[str, _Live] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -219,6 +222,14 @@ class CoordinatorService:
             data = self.store.blobs.get(digest)
             self.store.add_download_bytes(conn, fid, row.current_round + 1, len(data))
         return version, data
+
+    def export(self, fid: str) -> tuple[Path, dict[str, Any]]:
+        """The current global model as verified ONNX + its report (built once per version)."""
+        fed = self.get_federation(fid)
+        with self.lock:
+            live = self._load(fed)
+            cfg, weights, version = live.config, live.weights, live.version
+        return self.exports.get(fid, version, cfg, weights)
 
     # ------------------------------------------------------------------ tasks
     def next_task(self, agent: AgentRow, wait_s: float) -> Task | None:

@@ -213,3 +213,23 @@ def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClie
     server = decode(coordinator.get(f"/v1/federations/{fid}/models/3", headers=ADMIN).content).to_dense()
     for k, v in server.items():
         np.testing.assert_array_equal(agent_weights[k], v)
+
+
+def test_coordinator_serves_the_verified_onnx_export(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+    import onnxruntime as ort
+
+    agents = [make_agent(0), make_agent(1)]
+    fid = start_federation(rounds=1)
+    threads = [threading.Thread(target=a.run, kwargs={"max_tasks": 1, "poll_s": 2}) for a in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
+    report = coordinator.get(f"/v1/federations/{fid}/export/report", headers=ADMIN).json()
+    onnx_bytes = coordinator.get(f"/v1/federations/{fid}/export/model.onnx", headers=ADMIN).content
+    assert report["parity_max_abs_diff"] <= 1e-4 and report["pruned_macs"] == report["dense_macs"]
+    assert set(report["ort_latency_ms"]["pruned"]) == {"bs1", "bs64"}
+    session = ort.InferenceSession(onnx_bytes)
+    out = session.run(None, {session.get_inputs()[0].name: np.zeros((3, 1, 28, 28), np.float32)})[0]
+    assert out.shape == (3, 10)
