@@ -17,6 +17,7 @@ from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
     REPORT_HEADER,
+    RESHAPE_HEADER,
     VERSION_HEADER,
     AgentPublic,
     EnrollRequest,
@@ -123,9 +124,11 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         return Response(task.model_dump_json(), media_type="application/json")
 
     # ---------------------------------------------------------------- models (agents or admin)
-    def _model_response(fid: str, version: int | None, patch: bool) -> Response:
-        v, data = svc.model_bytes(fid, version, patch=patch)
-        return Response(data, media_type=_OCTETS, headers={VERSION_HEADER: str(v), KIND_HEADER: "patch" if patch else "model"})
+    def _model_response(fid: str, version: int | None, patch: bool, reshape: bool = False) -> Response:
+        v, data, has_reshape = svc.model_bytes(fid, version, patch=patch, reshape=reshape)
+        kind = "reshape" if reshape else "patch" if patch else "model"
+        headers = {VERSION_HEADER: str(v), KIND_HEADER: kind, RESHAPE_HEADER: "1" if has_reshape else "0"}
+        return Response(data, media_type="application/json" if reshape else _OCTETS, headers=headers)
 
     def model_reader(token: Annotated[str | None, Depends(_bearer)]) -> None:
         try:
@@ -145,7 +148,13 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
 
     @api.get("/federations/{fid}/models/{version}/patch", dependencies=[Reader], response_class=Response)
     def model_patch(fid: str, version: int) -> Response:
+        """Delta from version-1; apply the reshape first when the RESHAPE header says 1."""
         return _model_response(fid, version, True)
+
+    @api.get("/federations/{fid}/models/{version}/reshape", dependencies=[Reader], response_class=Response)
+    def model_reshape(fid: str, version: int) -> Response:
+        """Kept channel indices per tensor and dimension, from version-1 (JSON)."""
+        return _model_response(fid, version, False, reshape=True)
 
     @api.get("/federations/{fid}/export/model.onnx", dependencies=[Reader], response_class=Response)
     def export_model(fid: str) -> Response:

@@ -35,6 +35,7 @@ API_PREFIX = "/v1"
 REPORT_HEADER = "X-Fedslim-Report"
 VERSION_HEADER = "X-Fedslim-Version"
 KIND_HEADER = "X-Fedslim-Kind"
+RESHAPE_HEADER = "X-Fedslim-Reshape"  # "1": slice your weights with .../reshape before the patch
 
 ValueEncoding = Literal["fp32", "fp16", "int8", "ternary"]
 

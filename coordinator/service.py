@@ -42,7 +42,7 @@ from coordinator.protocol import (
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow
-from coordinator.strategies import RoundContext, Strategy, Weights, build_strategy
+from coordinator.strategies import RoundContext, RoundResult, Strategy, Weights, build_strategy
 from sparse_kernels import (
     CodecError,
     DeltaMeta,
@@ -54,6 +54,7 @@ from sparse_kernels import (
     encode,
 )
 from sparse_kernels.patch import apply_delta, encode_model
+from sparse_kernels.reshape import apply_reshape, encode_reshape
 
 __all__ = ["CoordinatorService", "hash_token"]
 
@@ -208,20 +209,22 @@ class CoordinatorService:
             return [r.metrics for r in self.store.list_rounds(conn, fid) if r.metrics]
 
     # ------------------------------------------------------------------ models
-    def model_bytes(self, fid: str, version: int | None, *, patch: bool = False) -> tuple[int, bytes]:
-        """Full model (codec kind=model) or the patch from version-1, and count the bytes."""
+    def model_bytes(self, fid: str, version: int | None, *, patch: bool = False,
+                    reshape: bool = False) -> tuple[int, bytes, bool]:
+        """Full model (codec kind=model), the patch from version-1, or the reshape (JSON)
+        into `version`; counts the bytes. The flag says whether `version` has a reshape."""
         row = self.get_federation(fid)
         version = row.model_version if version is None else version
         with self.lock, self.store.tx() as conn:  # the lock serialises the byte counter
             m = self.store.get_model(conn, fid, version)
             if m is None:
                 raise NotFound(f"model version {version} of federation {fid} not found")
-            digest = m["patch_blob"] if patch else m["blob"]
+            digest = m["reshape_blob"] if reshape else m["patch_blob"] if patch else m["blob"]
             if digest is None:
-                raise NotFound(f"no patch into version {version} (structure changed or first version)")
+                raise NotFound(f"no {'reshape' if reshape else 'patch'} into version {version}")
             data = self.store.blobs.get(digest)
             self.store.add_download_bytes(conn, fid, row.current_round + 1, len(data))
-        return version, data
+        return version, data, m["reshape_blob"] is not None
 
     def export(self, fid: str) -> tuple[Path, dict[str, Any]]:
         """The current global model as verified ONNX + its report (built once per version)."""
@@ -404,7 +407,7 @@ class CoordinatorService:
         strategy_state = {k: v for k, v in live.state.items() if not k.startswith("residual/")}
         result = live.strategy.aggregate(ctx, live.weights, acc.mean(fill=live.strategy.fill), strategy_state)
         version = fed.model_version + 1
-        new_weights, patch, residual = self._broadcast(fed.id, live, result.weights, result.structure_changed, version)
+        new_weights, patch, reshape, residual = self._broadcast(fed.id, live, result, version)
         state = {**result.state, **residual}
         evaluation = self.evaluator.evaluate(cfg, new_weights)
         with self.store.tx() as conn:
@@ -425,10 +428,11 @@ class CoordinatorService:
         }
         full_blob = self.store.blobs.put(encode_model(fed.id, version, new_weights))
         patch_blob = self.store.blobs.put(patch) if patch is not None else None
+        reshape_blob = self.store.blobs.put(reshape) if reshape is not None else None
         state_blob = self.store.blobs.put(_npz(state)) if state else None
         done = row.round >= cfg.rounds
         with self.store.tx() as conn:  # one transaction: round closed + new model + federation
-            self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob)
+            self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob)
             self.store.put_round(conn, RoundRow(fed.id, row.round, "closed", row.attempt, row.base_version,
                                                 row.selected, row.opened_at, row.deadline, now, metrics))
             self.store.update_federation(conn, fed.id, current_round=row.round, model_version=version,
@@ -439,16 +443,23 @@ class CoordinatorService:
         log.info("federation %s: round %d closed: accuracy %.4f, %d participants",
                  fed.id, row.round, evaluation.accuracy, len(ups))
 
-    def _broadcast(self, fid: str, live: _Live, target: Weights, structure_changed: bool,
-                   version: int) -> tuple[Weights, bytes | None, dict[str, np.ndarray]]:
+    def _broadcast(self, fid: str, live: _Live, result: RoundResult,
+                   version: int) -> tuple[Weights, bytes | None, bytes | None, dict[str, np.ndarray]]:
         """Turn the strategy's target weights into what agents will hold: the old weights
-        plus a (possibly sparse, quantised) patch, the rest kept in a server residual."""
-        cfg = live.config
-        if structure_changed:  # a full download; fp16-rounded when the broadcast is lossy anyway
-            return _round_for_broadcast(target, cfg.download_values), None, {}
+        (sliced to the new structure when channels were pruned) plus a (possibly sparse,
+        quantised) patch, the rest kept in a server residual."""
+        cfg, target = live.config, result.weights
+        residual_before = {k.removeprefix("residual/"): v for k, v in live.state.items() if k.startswith("residual/")}
+        base, reshape_bytes = live.weights, None
+        if result.structure_changed:
+            if result.reshape is None:  # structure unknown: a full download (fp16 when lossy anyway)
+                return _round_for_broadcast(target, cfg.download_values), None, None, {}
+            base = apply_reshape(live.weights, result.reshape)
+            residual_before = apply_reshape(residual_before, result.reshape)
+            reshape_bytes = encode_reshape(result.reshape)
         feedback = ErrorFeedback()
-        feedback.load_state_dict({k.removeprefix("residual/"): v for k, v in live.state.items() if k.startswith("residual/")})
-        change = {k: target[k] - live.weights[k] for k in target}
+        feedback.load_state_dict(residual_before)
+        change = {k: target[k] - base[k] for k in target}
         meta = DeltaMeta(federation_id=fid, round=version, base_version=version - 1, num_samples=0, kind="delta")
         if cfg.download_density >= 1.0 and cfg.download_values == "fp32":
             delta = ModelDelta(meta, tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in change.items()))
@@ -456,10 +467,10 @@ class CoordinatorService:
             delta = feedback.compress(change, density=cfg.download_density, meta=meta, values=cfg.download_values,
                                       min_dense_numel=_SMALL_TENSOR)
         patch = encode(delta, values=cfg.download_values)
-        new_weights = {k: v.copy() for k, v in live.weights.items()}
+        new_weights = {k: v.copy() for k, v in base.items()}
         apply_delta(new_weights, decode(patch))  # exactly what an agent will compute
         residual = {f"residual/{k}": v for k, v in feedback.state_dict().items()}
-        return new_weights, patch, residual
+        return new_weights, patch, reshape_bytes, residual
 
     # ------------------------------------------------------------------ loading
     def _load(self, fed: FederationRow) -> _Live:

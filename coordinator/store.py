@@ -86,6 +86,7 @@ models = Table(
     Column("blob", String(64), nullable=False),  # full model (codec kind=model)
     Column("patch_blob", String(64)),  # delta from version-1, when the structure is unchanged
     Column("state_blob", String(64)),  # strategy state (npz, no pickle)
+    Column("reshape_blob", String(64)),  # kept channels from version-1 (JSON), if pruned
     Column("created_at", Float, nullable=False),
 )
 downloads = Table(  # bytes served per (federation, round) for the metrics
@@ -256,10 +257,10 @@ class Store:
 
     # ---------------------------------------------------------------- models
     def add_model(self, conn: Connection, fid: str, version: int, blob: str,
-                  patch_blob: str | None, state_blob: str | None) -> None:
+                  patch_blob: str | None, state_blob: str | None, reshape_blob: str | None = None) -> None:
         conn.execute(models.insert().values(
             federation_id=fid, version=version, blob=blob, patch_blob=patch_blob,
-            state_blob=state_blob, created_at=time.time(),
+            state_blob=state_blob, reshape_blob=reshape_blob, created_at=time.time(),
         ))
 
     def get_model(self, conn: Connection, fid: str, version: int) -> dict[str, Any] | None:

@@ -17,8 +17,9 @@ from coordinator.protocol import Task
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
 from edge_agent.local import BudgetExceeded, initial_weights, run_task
 from models import ImageDataset
-from sparse_kernels import ErrorFeedback, decode
+from sparse_kernels import CodecError, ErrorFeedback, decode
 from sparse_kernels.patch import apply_delta, encode_model
+from sparse_kernels.reshape import apply_reshape, decode_reshape
 
 __all__ = ["AgentState", "EdgeAgent"]
 
@@ -86,9 +87,13 @@ class EdgeAgent:
             have, weights = self._model[1], {k: v.copy() for k, v in self._model[2].items()}
             try:
                 for v in range(have + 1, version + 1):
-                    apply_delta(weights, decode(self.client.download_patch(federation_id, v)))
+                    patch, reshaped = self.client.download_patch(federation_id, v)
+                    if reshaped:  # channels were pruned: slice what we hold, then patch
+                        shapes = {k: w.shape for k, w in weights.items()}
+                        weights = apply_reshape(weights, decode_reshape(self.client.download_reshape(federation_id, v), shapes))
+                    apply_delta(weights, decode(patch))
                 return self._remember(federation_id, version, weights)
-            except (CoordinatorRefused, KeyError) as exc:  # no patch (structure changed): full download
+            except (CoordinatorRefused, KeyError, CodecError) as exc:  # no patch (structure changed): full download
                 log.info("patch path unavailable (%s); downloading the full model", exc)
         full = decode(self.client.download_model(federation_id, version), max_bytes=1 << 34)
         return self._remember(federation_id, version, full.to_dense())

@@ -17,6 +17,7 @@ from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
     REPORT_HEADER,
+    RESHAPE_HEADER,
     VERSION_HEADER,
     EnrollRequest,
     EnrollResponse,
@@ -87,18 +88,23 @@ class CoordinatorClient:
         return None if resp.status_code == 204 else Task.model_validate_json(resp.content)
 
     def download_model(self, federation_id: str, version: int) -> bytes:
-        return self._download(f"/federations/{federation_id}/models/{version}", "model")
+        return self._download(f"/federations/{federation_id}/models/{version}", "model").content
 
-    def download_patch(self, federation_id: str, version: int) -> bytes:
-        """The delta from version-1 to `version`; CoordinatorRefused(404) if none exists."""
-        return self._download(f"/federations/{federation_id}/models/{version}/patch", "patch")
+    def download_patch(self, federation_id: str, version: int) -> tuple[bytes, bool]:
+        """The delta from version-1 to `version`, and whether a reshape (channel pruning)
+        must be applied first; CoordinatorRefused(404) if there is no patch."""
+        resp = self._download(f"/federations/{federation_id}/models/{version}/patch", "patch")
+        return resp.content, resp.headers.get(RESHAPE_HEADER) == "1"
 
-    def _download(self, path: str, kind: str) -> bytes:
+    def download_reshape(self, federation_id: str, version: int) -> bytes:
+        return self._download(f"/federations/{federation_id}/models/{version}/reshape", "reshape").content
+
+    def _download(self, path: str, kind: str) -> httpx.Response:
         resp = self._request("GET", path)
         if resp.headers.get(KIND_HEADER, kind) != kind or VERSION_HEADER not in resp.headers:
             raise CoordinatorRefused(resp.status_code, f"unexpected response for {path}")
         self.bytes_down += len(resp.content)
-        return resp.content
+        return resp
 
     def upload_update(self, federation_id: str, rnd: int, body: bytes, report: UpdateReport) -> UpdateReceipt:
         resp = self._request("PUT", f"/federations/{federation_id}/rounds/{rnd}/update", content=body,

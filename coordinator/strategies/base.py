@@ -35,7 +35,10 @@ class RoundContext:
 @dataclass
 class RoundResult:
     weights: Weights  # proposed next global weights
-    structure_changed: bool = False  # tensor shapes differ: agents need a full download
+    structure_changed: bool = False  # tensor shapes differ
+    # when known: the kept indices per tensor and dimension (sparse_kernels.reshape), so
+    # agents slice what they hold instead of downloading the smaller model whole
+    reshape: dict[str, list[list[int] | None]] | None = None
     state: dict[str, np.ndarray] = field(default_factory=dict)  # strategy's persistent arrays
     metrics: dict[str, float] = field(default_factory=dict)
 

@@ -50,11 +50,13 @@ class StructuredPruning(Strategy):
         dense_macs = float(state["dense_macs"][0]) if "dense_macs" in state else None
         if step is None:
             return RoundResult(new, state=_keep(state, new_state), metrics=self._metrics(ctx, new, dense_macs))
-        pruned, dense_macs = self._prune(ctx, new, step, dense_macs)
+        pruned, reshape, dense_macs = self._prune(ctx, new, step, dense_macs)
         new_state = {"dense_macs": np.array([dense_macs])}  # momentum buffers no longer fit
-        return RoundResult(pruned, structure_changed=True, state=new_state, metrics=self._metrics(ctx, pruned, dense_macs))
+        return RoundResult(pruned, structure_changed=reshape is not None, reshape=reshape or None, state=new_state,
+                           metrics=self._metrics(ctx, pruned, dense_macs))
 
-    def _prune(self, ctx: RoundContext, weights: Weights, step: int, dense_macs: float | None) -> tuple[Weights, float]:
+    def _prune(self, ctx: RoundContext, weights: Weights, step: int,
+               dense_macs: float | None) -> tuple[Weights, dict[str, list[list[int] | None]] | None, float]:
         import torch  # the pure maths above needs no torch; the pruning itself does
 
         from edge_agent.pruning.structured import prune_channels
@@ -70,13 +72,37 @@ class StructuredPruning(Strategy):
         if dense_macs is None:
             dense_macs = float(current)
         goal = step_targets(self.target_macs, self.prune_steps)[step] * dense_macs
-        if current > goal:
-            prune_channels(model, torch.zeros(1, *shape), target_macs=goal / current,
-                           round_to=self.round_to, importance=self.importance)
-        return to_numpy_state(model), dense_macs
+        if current <= goal:
+            return weights, None, dense_macs
+        # torch-pruning slices each parameter's .grad with the same indices as the
+        # parameter: seeded with flat positions, the grads come out as the kept positions
+        for p in model.parameters():
+            p.grad = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape)
+        prune_channels(model, torch.zeros(1, *shape), target_macs=goal / current,
+                       round_to=self.round_to, importance=self.importance)
+        pruned = to_numpy_state(model)
+        kept = {name: kept_dims(p.grad, weights[name].shape) for name, p in model.named_parameters()
+                if p.grad is not None and tuple(p.shape) != weights[name].shape}
+        for name in pruned:  # BN running stats follow their layer's weight
+            owner = name.rsplit(".", 1)[0] + ".weight"
+            if name not in kept and pruned[name].shape != weights[name].shape and owner in kept:
+                kept[name] = kept[owner]
+        reshape = kept if all(n in kept for n in pruned if pruned[n].shape != weights[n].shape) else {}
+        return pruned, reshape, dense_macs
 
     def _metrics(self, ctx: RoundContext, weights: Weights, dense_macs: float | None) -> dict[str, Any]:
         return {"dense_macs": dense_macs} if dense_macs else {}
+
+
+def kept_dims(positions: Any, old_shape: tuple[int, ...]) -> list[list[int] | None]:
+    """Per dimension, the sorted kept indices (None if unchanged), from a tensor holding
+    the flat positions its entries had in a tensor of `old_shape`."""
+    coords = np.unravel_index(positions.detach().numpy().astype(np.int64).reshape(-1), old_shape)
+    dims: list[list[int] | None] = []
+    for axis, size in enumerate(old_shape):
+        keep = np.unique(coords[axis])
+        dims.append(None if keep.size == size else keep.tolist())
+    return dims
 
 
 def _keep(state: dict[str, np.ndarray], new_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
