@@ -9,7 +9,7 @@ import numpy as np
 
 from coordinator.protocol import FederationCreate
 from models import ImageDataset, build_model, count_macs, evaluate, load_dataset
-from models.state import build_from_state, to_numpy_state
+from models.state import build_from_state, seeded_weights
 
 __all__ = ["Evaluator"]
 
@@ -26,10 +26,8 @@ class Evaluator:
         return build_model(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes, image_size=cfg.image_size)
 
     def initial_weights(self, cfg: FederationCreate) -> dict[str, np.ndarray]:
-        import torch
-
-        torch.manual_seed(cfg.seed)
-        return to_numpy_state(self.model_for(cfg))
+        return seeded_weights(cfg.model, cfg.seed, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                              image_size=cfg.image_size)
 
     def model(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> Any:
         return build_from_state(cfg.model, weights, in_channels=cfg.in_channels,

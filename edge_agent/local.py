@@ -14,7 +14,7 @@ from coordinator.protocol import Task, UpdateReport
 from edge_agent.budget import BudgetExceeded, PeakMemoryMeter, plan_training
 from edge_agent.strategy_hooks import hooks_for
 from models import ImageDataset, train_epochs
-from models.state import build_from_state, to_numpy_state
+from models.state import build_from_state, seeded_weights, to_numpy_state
 from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
 
 __all__ = ["LocalResult", "run_task"]
@@ -75,12 +75,8 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
 
 def initial_weights(task: Task) -> Weights:
     """The federation's seeded initial model, built as the coordinator builds it."""
-    from models import build_model
-
-    torch.manual_seed(task.seed)
-    model = build_model(task.model, in_channels=task.in_channels, num_classes=task.num_classes,
-                        image_size=task.image_size)
-    weights = to_numpy_state(model)
+    weights = seeded_weights(task.model, task.seed, in_channels=task.in_channels, num_classes=task.num_classes,
+                             image_size=task.image_size)
     if task.download_values != "fp32":  # the coordinator rounds lossy federations' models
         weights = {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
     return weights

@@ -4,11 +4,15 @@ store handle (float32 arrays keyed by state_dict name; integer buffers such as B
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["build_from_state", "load_numpy_state", "to_numpy_state"]
+__all__ = ["build_from_state", "load_numpy_state", "seeded_weights", "to_numpy_state"]
+
+_SEED_LOCK = threading.Lock()
 
 Weights = dict[str, np.ndarray]
 
@@ -47,5 +51,17 @@ def build_from_state(
     if any(shapes.get(k) != w.shape for k, w in weights.items()):
         from models.structure import reshape_to  # structured-pruned: shrink modules first
 
-        model = reshape_to(model, {k: tuple(w.shape) for k, w in weights.items()})
+        model = reshape_to(model, {**shapes, **{k: tuple(w.shape) for k, w in weights.items()}})
     return load_numpy_state(model, weights)
+
+
+def seeded_weights(name: str, seed: int, *, in_channels: int, num_classes: int, image_size: int | None = None) -> Weights:
+    """The initial weights of zoo model `name` under `torch.manual_seed(seed)`: the same in
+    every process with the same torch build, so agents can rebuild instead of download.
+    The global RNG is forked (untouched) and locked (threads would interleave draws)."""
+    from models.zoo import build_model
+
+    with _SEED_LOCK, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    return to_numpy_state(model)
