@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGY_PRESETS))
+    p.add_argument("--strategy", default="structured", choices=sorted(STRATEGY_PRESETS))
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
