@@ -57,7 +57,7 @@ def federation_config(args: argparse.Namespace) -> dict[str, Any]:
         "name": f"demo-{args.strategy}", "model": args.model, "rounds": args.rounds,
         "clients_per_round": args.agents, "min_clients": max(1, args.agents // 2),
         "round_deadline_s": args.deadline, "seed": args.seed, "training": training,
-        "strategy": {"name": preset["name"], "params": preset.get("params", {})},
+        "strategy": {"name": preset["name"], "params": {**preset.get("params", {}), **json.loads(args.strategy_params)}},
         "data": {"dataset": args.dataset, "data_dir": args.data_dir, "partition": f"dirichlet:{args.alpha}",
                  "eval_samples": args.eval_samples},
         "download_density": preset.get("download_density", 1.0),
@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", default="structured", choices=sorted(STRATEGY_PRESETS))
+    p.add_argument("--strategy-params", default="{}", help='JSON overriding the preset\'s strategy params, e.g. \'{"target_macs": 0.3}\'')
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
