@@ -17,7 +17,7 @@ from models import ImageDataset, train_epochs
 from models.state import build_from_state, seeded_weights, to_numpy_state
 from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
 
-__all__ = ["LocalResult", "run_task"]
+__all__ = ["BudgetExceeded", "LocalResult", "default_threads", "initial_weights", "run_task"]
 
 Weights = dict[str, np.ndarray]
 _SMALL_TENSOR = 1024  # biases and BN vectors travel whole
@@ -86,5 +86,3 @@ def default_threads(agents_on_host: int) -> int:
     """Torch threads per agent so that co-located agents do not oversubscribe the cores."""
     return max(1, (os.cpu_count() or 1) // max(1, agents_on_host))
 
-
-__all__ += ["BudgetExceeded", "default_threads"]

@@ -16,6 +16,8 @@ from sparse_kernels.errors import (
     TruncatedPayload,
     UnsupportedVersion,
 )
+from sparse_kernels.patch import apply_delta, encode_model, model_values
+from sparse_kernels.reshape import Reshape, apply_reshape, decode_reshape, encode_reshape
 from sparse_kernels.select import ErrorFeedback, select_topk, topk_mask
 from sparse_kernels.types import DeltaMeta, ModelDelta, SparseTensor
 
@@ -30,6 +32,7 @@ __all__ = [
     "MalformedIndices",
     "MalformedPayload",
     "ModelDelta",
+    "Reshape",
     "NonFiniteValues",
     "ServerMomentum",
     "ShapeMismatch",
@@ -37,8 +40,14 @@ __all__ = [
     "SparseTensor",
     "TruncatedPayload",
     "UnsupportedVersion",
+    "apply_delta",
+    "apply_reshape",
     "decode",
+    "decode_reshape",
     "encode",
+    "encode_model",
+    "encode_reshape",
+    "model_values",
     "peek_meta",
     "quantize_values",
     "select_topk",
