@@ -16,6 +16,9 @@ import pytest
 
 _CHILD = "FEDSLIM_ISOLATED_CHILD"
 
+# in-process federation fixtures (coordinator, make_agent, start_federation)
+pytest_plugins = ["tests.federation_fixtures"]
+
 
 def _run_isolated(item: pytest.Item) -> None:
     root = Path(str(item.config.rootpath))

@@ -1,0 +1,75 @@
+"""Fixtures for in-process federations (the real app and store on a tmp SQLite file,
+driven by the real agent client), shared by tests/coordinator and tests/strategies.
+Loaded as a pytest plugin from tests/conftest.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from coordinator.app import create_app
+from coordinator.settings import CoordinatorSettings
+from edge_agent.agent import AgentState, EdgeAgent
+from edge_agent.client import CoordinatorClient
+from models import make_synthetic
+
+ADMIN = {"Authorization": "Bearer dev-admin-token"}
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_federation(**overrides: Any) -> dict[str, Any]:
+    """A LeNet-5 federation on synthetic data that trains in about a second per round."""
+    config: dict[str, Any] = {
+        "model": "lenet5", "rounds": 2, "clients_per_round": 2, "min_clients": 2,
+        "round_deadline_s": 60, "data": {"dataset": "synthetic", "eval_samples": 200},
+        "training": {"batch_size": 32, "lr": 0.05, "max_steps": 4},
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[TestClient]:
+    settings = CoordinatorSettings(data_dir=tmp_path / "coord", dev_mode=True, tick_s=0.05, long_poll_s=2)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def make_agent(coordinator: TestClient, tmp_path: Path) -> Callable[[int], EdgeAgent]:
+    data = make_synthetic(400, seed=0)
+
+    def make(i: int) -> EdgeAgent:
+        client = CoordinatorClient(coordinator, max_tries=2, backoff_s=0.01)
+        client.enroll("dev-enroll-token", name=f"agent-{i}")
+        return EdgeAgent(client, data.subset(np.arange(i * 200, (i + 1) * 200)), AgentState(tmp_path / f"agent-{i}"))
+
+    return make
+
+
+def create_started(coordinator: TestClient, **overrides: Any) -> str:
+    resp = coordinator.post("/v1/federations", json=small_federation(**overrides), headers=ADMIN)
+    assert resp.status_code == 201, resp.text
+    fid = resp.json()["id"]
+    assert coordinator.post(f"/v1/federations/{fid}/start", headers=ADMIN).status_code == 200
+    return fid
+
+
+@pytest.fixture
+def start_federation(coordinator: TestClient) -> Callable[..., str]:
+    """Create and start a small federation; returns its id."""
+    return lambda **overrides: create_started(coordinator, **overrides)
