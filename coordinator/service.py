@@ -43,6 +43,7 @@ from coordinator.protocol import (
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow
 from coordinator.strategies import RoundContext, RoundResult, Strategy, Weights, build_strategy
+from coordinator.strategies.base import AUX_PREFIX
 from sparse_kernels import (
     CodecError,
     DeltaMeta,
@@ -312,7 +313,7 @@ class CoordinatorService:
         return True, False
 
     def _validate(self, live: _Live, fid: str, row: RoundRow, body: bytes) -> ModelDelta:
-        shapes = {k: v.shape for k, v in live.weights.items()}
+        shapes = _upload_shapes(live, row.round)
         try:
             delta = decode(body, expected=shapes, max_bytes=self.settings.max_upload_bytes)
         except CodecError as exc:
@@ -325,7 +326,8 @@ class CoordinatorService:
             )
         bound = live.config.max_update_norm
         if bound:
-            norm = float(np.sqrt(sum(float(np.dot(t.values, t.values)) for t in delta.tensors)))
+            norm = float(np.sqrt(sum(float(np.dot(t.values, t.values)) for t in delta.tensors
+                                     if not t.name.startswith(AUX_PREFIX))))
             if norm > bound:
                 raise BadRequest(f"update norm {norm:.3g} exceeds the bound {bound:.3g}")
         return delta
@@ -333,8 +335,8 @@ class CoordinatorService:
     def _accumulator(self, fid: str, live: _Live, row: RoundRow) -> SparseAccumulator:
         key = (row.round, row.attempt)
         if live.accumulator is None or live.accumulator_key != key:
+            live.accumulator = SparseAccumulator(_upload_shapes(live, row.round))
             shapes = {k: v.shape for k, v in live.weights.items()}
-            live.accumulator = SparseAccumulator(shapes)
             live.squares = SparseAccumulator(shapes) if live.strategy.wants_second_moment else None
             live.accumulator_key = key
             live.bytes_up = 0
@@ -350,7 +352,8 @@ class CoordinatorService:
         assert live.accumulator is not None
         live.accumulator.fold(delta, weight)
         if live.squares is not None:
-            squared = tuple(SparseTensor(t.name, t.shape, t.indices, t.values * t.values) for t in delta.tensors)
+            squared = tuple(SparseTensor(t.name, t.shape, t.indices, t.values * t.values) for t in delta.tensors
+                            if not t.name.startswith(AUX_PREFIX))
             live.squares.fold(ModelDelta(delta.meta, squared), weight)
 
     # ------------------------------------------------------------------ scheduling
@@ -404,8 +407,11 @@ class CoordinatorService:
         ctx = self._context(cfg, row.round, len(ups))
         if live.squares is not None:
             ctx = dataclasses.replace(ctx, mean_sq_delta=live.squares.mean(fill=live.strategy.fill))
+        mean = acc.mean(fill=live.strategy.fill)
+        aux = {k: mean.pop(k) for k in [k for k in mean if k.startswith(AUX_PREFIX)]}
+        ctx = dataclasses.replace(ctx, aux=aux)
         strategy_state = {k: v for k, v in live.state.items() if not k.startswith("residual/")}
-        result = live.strategy.aggregate(ctx, live.weights, acc.mean(fill=live.strategy.fill), strategy_state)
+        result = live.strategy.aggregate(ctx, live.weights, mean, strategy_state)
         version = fed.model_version + 1
         new_weights, patch, reshape, residual = self._broadcast(fed.id, live, result, version)
         state = {**result.state, **residual}
@@ -430,7 +436,7 @@ class CoordinatorService:
         patch_blob = self.store.blobs.put(patch) if patch is not None else None
         reshape_blob = self.store.blobs.put(reshape) if reshape is not None else None
         state_blob = self.store.blobs.put(_npz(state)) if state else None
-        done = row.round >= cfg.rounds
+        done = row.round >= cfg.rounds + live.strategy.setup_rounds(live.weights)
         with self.store.tx() as conn:  # one transaction: round closed + new model + federation
             self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob)
             self.store.put_round(conn, RoundRow(fed.id, row.round, "closed", row.attempt, row.base_version,
@@ -493,6 +499,15 @@ class CoordinatorService:
 
 
 _SMALL_TENSOR = 1024  # biases and BN vectors travel whole
+
+
+def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:
+    """What an upload for round `rnd` may carry: the model's tensors and the strategy's
+    auxiliary statistics."""
+    aux = live.strategy.aux_shapes(rnd, live.weights, live.state)
+    if any(not k.startswith(AUX_PREFIX) for k in aux):
+        raise ValueError(f"auxiliary upload names must start with {AUX_PREFIX!r}: {sorted(aux)[:3]}")
+    return {**{k: v.shape for k, v in live.weights.items()}, **aux}
 
 
 def _round_for_broadcast(weights: Weights, values: str) -> Weights:

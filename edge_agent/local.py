@@ -15,6 +15,7 @@ from edge_agent.budget import BudgetExceeded, PeakMemoryMeter, plan_training
 from edge_agent.strategy_hooks import hooks_for
 from models import ImageDataset, train_epochs
 from models.state import build_from_state, seeded_weights, to_numpy_state
+from models.training import TrainStats
 from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
 
 __all__ = ["BudgetExceeded", "LocalResult", "default_threads", "initial_weights", "run_task"]
@@ -48,21 +49,30 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         p.requires_grad_(name not in frozen)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    hooks = hooks_for(task, model, weights)
+    hooks = hooks_for(task, model, weights, data)
     start = time.perf_counter()
     with PeakMemoryMeter() as meter, hooks.context:
-        stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch_size,
-                             seed=seed * 100_003 + task.round, progress=progress, max_steps=cfg.max_steps,
-                             regularizer=hooks.regularizer, after_step=hooks.after_step)
-    local = to_numpy_state(model)
-    change = {k: local[k] - weights[k] for k in weights}
+        if hooks.train:
+            stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch_size,
+                                 seed=seed * 100_003 + task.round, progress=progress, max_steps=cfg.max_steps,
+                                 regularizer=hooks.regularizer, after_step=hooks.after_step)
+        else:
+            stats = TrainStats(loss=0.0, accuracy=0.0, samples=len(data), steps=0, seconds=0.0)
+    aux = hooks.aux() if hooks.aux else {}
     meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
                      num_samples=stats.samples, kind="delta")
-    if cfg.upload_density >= 1.0 and cfg.upload_values == "fp32":
-        delta = ModelDelta(meta, tuple(SparseTensor.from_dense(k, v) for k, v in change.items()))
+    if not hooks.train:  # statistics only: the error-feedback residual waits for a training round
+        tensors: tuple[SparseTensor, ...] = ()
+    elif cfg.upload_density >= 1.0 and cfg.upload_values == "fp32":
+        local = to_numpy_state(model)
+        tensors = tuple(SparseTensor.from_dense_nonzero(k, local[k] - weights[k]) for k in weights)
     else:
-        delta = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
-                                  min_dense_numel=_SMALL_TENSOR, support=hooks.upload_support)
+        local = to_numpy_state(model)
+        change = {k: local[k] - weights[k] for k in weights}
+        tensors = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
+                                    min_dense_numel=_SMALL_TENSOR, support=hooks.upload_support).tensors
+    extra = tuple(SparseTensor.from_dense_nonzero(k, np.asarray(v, dtype=np.float32)) for k, v in aux.items())
+    delta = ModelDelta(meta, tensors + extra)
     body = encode(delta, values=cfg.upload_values)
     report = UpdateReport(
         num_samples=max(stats.samples, 1), train_loss=float(np.nan_to_num(stats.loss, nan=1e9, posinf=1e9)),

@@ -15,7 +15,7 @@ ALGORITHMS.md §4 asks). Server and agent agree on that set through `masked_weig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ from torch import nn
 from coordinator.protocol import Task
 from edge_agent.pruning.feddip import MaskedForward, feddip_regularizer
 from edge_agent.pruning.masks import Masks, apply_masks, prunable_weights
-from edge_agent.strategy_hooks import AGENT_HOOKS, LocalHooks
+from edge_agent.strategy_hooks import AGENT_HOOKS, HookFactory, LocalHooks
+from models import ImageDataset
 
 __all__ = ["DENSE_LAYERS", "autoflip_hooks", "feddip_hooks", "masked_weight_names", "masks_from_zeros"]
 
@@ -45,7 +46,7 @@ def masks_from_zeros(model: nn.Module, weights: Mapping[str, np.ndarray]) -> Mas
             for n in masked_weight_names(model) if n in weights}
 
 
-def feddip_hooks(task: Task, model: nn.Module, weights: dict[str, np.ndarray]) -> LocalHooks:
+def feddip_hooks(task: Task, model: nn.Module, weights: dict[str, np.ndarray], data: ImageDataset) -> LocalHooks:
     params = task.strategy.params
     lam = float(params.get("lam", 0.0))
     error_feedback = bool(params.get("error_feedback", True))
@@ -60,7 +61,7 @@ def feddip_hooks(task: Task, model: nn.Module, weights: dict[str, np.ndarray]) -
     )
 
 
-def autoflip_hooks(task: Task, model: nn.Module, weights: dict[str, np.ndarray]) -> LocalHooks:
+def autoflip_hooks(task: Task, model: nn.Module, weights: dict[str, np.ndarray], data: ImageDataset) -> LocalHooks:
     if not task.strategy.params.get("pruned", False):
         return LocalHooks()  # exploration: plain local training (FedAvg)
     masks = masks_from_zeros(model, weights)
@@ -73,7 +74,7 @@ def autoflip_hooks(task: Task, model: nn.Module, weights: dict[str, np.ndarray])
                       upload_support={n: m.cpu().numpy() for n, m in masks.items()})
 
 
-_FACTORIES: dict[str, Callable[[Task, nn.Module, dict[str, np.ndarray]], LocalHooks]] = {
+_FACTORIES: dict[str, HookFactory] = {
     "feddip": feddip_hooks,
     "autoflip": autoflip_hooks,
 }

@@ -13,9 +13,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-__all__ = ["RoundContext", "RoundResult", "Strategy", "Weights"]
+__all__ = ["AUX_PREFIX", "RoundContext", "RoundResult", "Strategy", "Weights"]
 
 Weights = dict[str, np.ndarray]
+AUX_PREFIX = "aux/"  # names of uploaded tensors that are statistics, not deltas
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class RoundContext:
     # Weighted mean of the squared deltas, for strategies with `wants_second_moment`
     # (AutoFLIP's guidance scores); None otherwise.
     mean_sq_delta: Weights | None = None
+    # Sample-weighted means of the auxiliary tensors the agents uploaded (names from
+    # `Strategy.aux_shapes`, "aux/..."): statistics that are not model deltas.
+    aux: Weights = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +57,17 @@ class Strategy(ABC):
     def task_params(self, rnd: int, weights: Weights, state: dict[str, np.ndarray]) -> dict[str, Any]:
         """Strategy parameters the agents need for round `rnd` (sent in the task)."""
         return {}
+
+    def aux_shapes(self, rnd: int, weights: Weights, state: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+        """Auxiliary tensors ("aux/<name>" → shape) agents upload in round `rnd` besides
+        their delta (BN statistics, candidate losses, gradient tops, channel usage). The
+        service validates them like the delta and averages them by sample count."""
+        return {}
+
+    def setup_rounds(self, weights: Weights) -> int:
+        """Rounds before training that only gather statistics (FedTiny's selection);
+        they come on top of the federation's `rounds`."""
+        return 0
 
     def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
         """Chance to transform the freshly initialised model before round 1."""

@@ -124,7 +124,7 @@ def _pruned_start(h: Any) -> dict[str, np.ndarray]:
 def test_agent_after_step_keeps_pruned_weights_at_zero(h: Any) -> None:
     w1 = _pruned_start(h)
     model = build_from_state("lenet5", w1, in_channels=1, num_classes=10)
-    hooks = hooks_for(h.task_for("autoflip", {"pruned": True}), model, w1)
+    hooks = hooks_for(h.task_for("autoflip", {"pruned": True}), model, w1, make_synthetic(16))
     assert hooks.after_step is not None and hooks.upload_support is not None
     for n in NAMES:
         np.testing.assert_array_equal(hooks.upload_support[n], w1[n] != 0)
@@ -154,7 +154,7 @@ def test_agent_after_step_keeps_pruned_weights_at_zero(h: Any) -> None:
 def test_exploration_rounds_train_plainly_and_uploads_respect_the_mask(h: Any) -> None:
     w0 = h.weights_of()
     model = build_from_state("lenet5", w0, in_channels=1, num_classes=10)
-    explore = hooks_for(h.task_for("autoflip", {"pruned": False}), model, w0)
+    explore = hooks_for(h.task_for("autoflip", {"pruned": False}), model, w0, make_synthetic(16))
     assert isinstance(explore, LocalHooks)
     assert explore.after_step is None and explore.regularizer is None and explore.upload_support is None
     assert isinstance(explore.context, contextlib.nullcontext)
