@@ -25,6 +25,12 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "feddip": {"name": "feddip", "params": {"s0": 0.5, "sT": 0.9, "lam_max": 1e-3},
                "training": {"upload_density": 0.1, "upload_values": "fp16"},
                "download_density": 1.0, "download_values": "fp32"},
+    # FedTiny: a candidate pool of 5 masks at 10% density, selection by averaged loss
+    # (adaptive BN for models with BN), then prune-and-grow of one layer per round, last
+    # first; only kept coordinates travel up (fp16), exact fp32 broadcasts of what changed.
+    "fedtiny": {"name": "fedtiny", "params": {"density": 0.1, "pool_size": 5},
+                "training": {"upload_density": 0.1, "upload_values": "fp16"},
+                "download_density": 1.0, "download_values": "fp32"},
     # AutoFLIP: one exploration round, then the 30% of weights that moved least are pruned;
     # dense fp16 uploads (the guidance scores need every coordinate's movement; after
     # pruning only the kept ones travel), exact fp32 broadcasts as for FedDIP.

@@ -8,11 +8,12 @@ from coordinator.strategies.autoflip import AutoFLIP
 from coordinator.strategies.base import RoundContext, RoundResult, Strategy, Weights
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.strategies.feddip import FedDIP
+from coordinator.strategies.fedtiny import FedTiny
 from coordinator.strategies.structured import StructuredPruning
 
 __all__ = ["STRATEGIES", "RoundContext", "RoundResult", "Strategy", "Weights", "build_strategy"]
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, StructuredPruning, FedDIP, AutoFLIP)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, StructuredPruning, FedDIP, FedTiny, AutoFLIP)}
 
 
 def build_strategy(name: str, params: dict[str, Any]) -> Strategy:

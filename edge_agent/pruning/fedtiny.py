@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_agent.pruning.masks import Masks, magnitude_masks
+from edge_agent.pruning.masks import Masks, magnitude_masks, prunable_weights
 
 __all__ = [
     "GradientTops",
@@ -30,8 +30,10 @@ __all__ = [
     "average_bn_stats",
     "average_gradient_tops",
     "candidate_pool",
+    "fedtiny_weight_names",
     "grow_counts",
     "load_bn_stats",
+    "pool_from_state",
     "prune_and_grow",
     "recalibrate_bn",
     "topk_pruned_gradients",
@@ -270,12 +272,15 @@ def prune_and_grow(
     masks: Mapping[str, torch.Tensor],
     avg_grad_tops: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     n_grow: Mapping[str, int],
+    *,
+    grow_lr: float = 0.0,
 ) -> tuple[Masks, dict[str, torch.Tensor]]:
     """One FedTiny adjustment: per layer in `n_grow`, grow the n largest-|avg grad|
-    positions among those pruned now (new weights = 0) and drop the n smallest-|w| active
-    weights (set to 0), so each layer's density is unchanged. n is cut to the number of
-    growable candidates. Returns new masks and new weights, zero wherever the new mask is
-    False (every masked layer, adjusted or not); inputs are untouched.
+    positions among those pruned now (new weights = −grow_lr·grad: 0 by default, as in
+    the paper) and drop the n smallest-|w| active weights (set to 0), so each layer's
+    density is unchanged. n is cut to the number of growable candidates with a nonzero
+    gradient. Returns new masks and new weights, zero wherever the new mask is False
+    (every masked layer, adjusted or not); inputs are untouched.
     Layers not in `n_grow` pass through (FedTiny adjusts one layer/block at a time).
     """
     new_masks = {k: v.clone() for k, v in masks.items()}
@@ -284,19 +289,39 @@ def prune_and_grow(
         mask = new_masks[name].flatten()
         w = new_weights[name].view(-1)
         idx, val = avg_grad_tops.get(name, (torch.zeros(0, dtype=torch.long), torch.zeros(0)))
-        growable = ~mask[idx]  # only positions pruned before this step
+        growable = ~mask[idx] & (val != 0)  # only positions pruned before this step
         idx, val = idx[growable], val[growable]
         n = min(n, len(idx), int(mask.sum()))
         if n <= 0:
             continue
-        grow = idx[torch.topk(val.abs(), n).indices]
+        top = torch.topk(val.abs(), n).indices
+        grow = idx[top]
         active_scores = w.abs().masked_fill(~mask, float("inf"))
         drop = torch.topk(active_scores, n, largest=False).indices
         mask[drop] = False
         w[drop] = 0.0
         mask[grow] = True
-        w[grow] = 0.0
+        w[grow] = -grow_lr * val[top].to(w.dtype)
         new_masks[name] = mask.view_as(masks[name])
     for name, mask in new_masks.items():
         new_weights[name].mul_(mask)
     return new_masks, new_weights
+
+
+# --------------------------------------------------------------------------- shared by both halves
+
+
+def fedtiny_weight_names(model: nn.Module) -> list[str]:
+    """The weights FedTiny prunes: conv and linear weights except the first layer (biases
+    and BN stay dense). Server and agents derive the same list from the same model."""
+    return list(prunable_weights(model, include_first=False))
+
+
+def pool_from_state(
+    weights: Mapping[str, np.ndarray], names: Sequence[str], target_density: float, k: int, seed: int,
+) -> list[dict[str, np.ndarray]]:
+    """The candidate pool as numpy bool masks, a pure function of the global weights and
+    the seed: agents rebuild exactly the server's pool instead of downloading K masks."""
+    rng = np.random.default_rng(seed)
+    pool = candidate_pool({n: torch.from_numpy(np.asarray(weights[n])) for n in names}, target_density, k, rng)
+    return [{n: m.numpy() for n, m in masks.items()} for masks in pool]
