@@ -174,15 +174,18 @@ def _follow(http: httpx.Client, fid: str, rounds: int, procs: list[subprocess.Po
 
 def _results(args: argparse.Namespace, fid: str, rows: list[dict], seconds: float) -> dict[str, Any]:
     last = rows[-1] if rows else {}
-    per_round_mb = [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in rows]
+    training = [r for r in rows if not r.get("setup")]  # FedTiny's selection rounds train nothing
+    per_round_mb = [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in training]
     return {
         "federation": fid,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "rounds": rows,
         "final": {
-            "accuracy": last.get("accuracy"), "loss": last.get("loss"), "rounds": len(rows),
+            "accuracy": last.get("accuracy"), "loss": last.get("loss"), "rounds": len(training),
+            "setup_rounds": len(rows) - len(training),
+            "setup_mb": sum((r["bytes_up"] + r["bytes_down"]) / 1e6 for r in rows if r.get("setup")),
             "macs": last.get("macs"), "params": last.get("params"), "density": last.get("density"),
-            "mean_mb_per_round": sum(per_round_mb) / max(len(rows), 1), "wall_seconds": round(seconds, 1),
+            "mean_mb_per_round": sum(per_round_mb) / max(len(training), 1), "wall_seconds": round(seconds, 1),
         },
     }
 

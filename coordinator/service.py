@@ -45,6 +45,7 @@ from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRo
 from coordinator.strategies import RoundContext, RoundResult, Strategy, Weights, build_strategy
 from coordinator.strategies.base import AUX_PREFIX
 from sparse_kernels import (
+    SMALL_TENSOR,
     CodecError,
     DeltaMeta,
     ErrorFeedback,
@@ -256,6 +257,8 @@ class CoordinatorService:
                     continue
                 rnd = self.store.get_round(conn, fed.id, fed.current_round + 1)
                 if rnd is None or rnd.status != "open" or agent.id not in rnd.selected:
+                    continue
+                if rnd.deadline <= time.time():  # its upload would be refused: not worth a download
                     continue
                 done = self.store.get_update(conn, fed.id, rnd.round, agent.id)
                 if done and done.attempt == rnd.attempt:
@@ -471,7 +474,7 @@ class CoordinatorService:
             delta = ModelDelta(meta, tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in change.items()))
         else:
             delta = feedback.compress(change, density=cfg.download_density, meta=meta, values=cfg.download_values,
-                                      min_dense_numel=_SMALL_TENSOR)
+                                      min_dense_numel=SMALL_TENSOR)
         patch = encode(delta, values=cfg.download_values)
         new_weights = {k: v.copy() for k, v in base.items()}
         apply_delta(new_weights, decode(patch))  # exactly what an agent will compute
@@ -498,7 +501,6 @@ class CoordinatorService:
         return RoundContext(rnd, cfg.rounds, cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size, participants)
 
 
-_SMALL_TENSOR = 1024  # biases and BN vectors travel whole
 
 
 def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:

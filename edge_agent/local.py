@@ -16,12 +16,11 @@ from edge_agent.strategy_hooks import hooks_for
 from models import ImageDataset, train_epochs
 from models.state import build_from_state, seeded_weights, to_numpy_state
 from models.training import TrainStats
-from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
+from sparse_kernels import SMALL_TENSOR, DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
 
 __all__ = ["BudgetExceeded", "LocalResult", "default_threads", "initial_weights", "run_task"]
 
 Weights = dict[str, np.ndarray]
-_SMALL_TENSOR = 1024  # biases and BN vectors travel whole
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         local = to_numpy_state(model)
         change = {k: local[k] - weights[k] for k in weights}
         tensors = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
-                                    min_dense_numel=_SMALL_TENSOR, support=hooks.upload_support).tensors
+                                    min_dense_numel=SMALL_TENSOR, support=hooks.upload_support).tensors
     extra = tuple(SparseTensor.from_dense_nonzero(k, np.asarray(v, dtype=np.float32)) for k, v in aux.items())
     delta = ModelDelta(meta, tensors + extra)
     body = encode(delta, values=cfg.upload_values)

@@ -18,11 +18,12 @@ from sparse_kernels.errors import (
 )
 from sparse_kernels.patch import apply_delta, encode_model, model_values
 from sparse_kernels.reshape import Reshape, apply_reshape, decode_reshape, encode_reshape
-from sparse_kernels.select import ErrorFeedback, select_topk, topk_mask
+from sparse_kernels.select import SMALL_TENSOR, ErrorFeedback, select_topk, topk_mask
 from sparse_kernels.types import DeltaMeta, ModelDelta, SparseTensor
 
 __all__ = [
     "FORMAT_VERSION",
+    "SMALL_TENSOR",
     "BadMagic",
     "ChecksumMismatch",
     "CodecError",

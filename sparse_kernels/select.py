@@ -17,7 +17,11 @@ from sparse_kernels._values import quantize_values
 from sparse_kernels.errors import NonFiniteValues
 from sparse_kernels.types import DeltaMeta, ModelDelta, SparseTensor
 
-__all__ = ["ErrorFeedback", "select_topk", "topk_mask"]
+__all__ = ["SMALL_TENSOR", "ErrorFeedback", "select_topk", "topk_mask"]
+
+# Tensors up to this size (biases, BN vectors) travel whole both ways: top-k on them saves
+# a few bytes and starves the layers that need every coordinate.
+SMALL_TENSOR = 1024
 
 Scope = Literal["per_tensor", "global"]
 
