@@ -37,6 +37,15 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "autoflip": {"name": "autoflip", "params": {"explore_rounds": 1, "q": 0.3, "scope": "global"},
                  "training": {"upload_density": 1.0, "upload_values": "fp16"},
                  "download_density": 1.0, "download_values": "fp32"},
+    # adaptive dynamic pruning: per-sample channel gates (ratio 0.7, every conv but the
+    # first) during training; closing the last round the gated network is folded into a
+    # static one channel-pruned to 50% of the dense MACs. Channels no sample of a batch
+    # keeps get no gradient (fedavg_cnn at init, batch 32, 10 steps: 15 of 64 filters and
+    # 29 % of all coordinates unchanged, which dense fp32 uploads already leave out), but
+    # top-10 % fp16 exchanges as "structured" does send far less.
+    "dynamic": {"name": "dynamic", "params": {"ratio": 0.7, "export_macs": 0.5},
+                "training": {"upload_density": 0.1, "upload_values": "fp16"},
+                "download_density": 0.1, "download_values": "fp16"},
 }
 
 

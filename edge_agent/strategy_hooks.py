@@ -46,5 +46,6 @@ def hooks_for(task: Task, model: nn.Module, weights: dict[str, np.ndarray], data
 
 # Strategy modules register their factories in AGENT_HOOKS when imported (at the bottom,
 # so that LocalHooks and AGENT_HOOKS exist when they do).
+import edge_agent.dynamic_hooks  # noqa: E402, F401
 import edge_agent.fedtiny_hooks  # noqa: E402, F401
 import edge_agent.mask_hooks  # noqa: E402, F401

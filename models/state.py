@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.gating import GATE_KEY, gate_as
+
 __all__ = ["build_from_state", "load_numpy_state", "seeded_weights", "to_numpy_state"]
 
 _SEED_LOCK = threading.Lock()
@@ -43,10 +45,14 @@ def load_numpy_state(model: nn.Module, weights: Weights) -> nn.Module:
 def build_from_state(
     name: str, weights: Weights, *, in_channels: int, num_classes: int, image_size: int | None = None
 ) -> nn.Module:
-    """Build zoo model `name` with the (possibly channel-pruned) structure of `weights`."""
+    """Build zoo model `name` with the (possibly channel-pruned, possibly gated) structure
+    of `weights`. Gated weights (adaptive dynamic pruning: `models.gating`) carry their
+    gates and each gate's width, so the same convs are gated before loading."""
     from models.zoo import build_model
 
     model = build_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    if any(k.endswith(GATE_KEY) for k in weights):
+        model = gate_as(model, weights)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if any(shapes.get(k) != w.shape for k, w in weights.items()):
         from models.structure import reshape_to  # structured-pruned: shrink modules first

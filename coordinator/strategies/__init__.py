@@ -6,6 +6,7 @@ from typing import Any
 
 from coordinator.strategies.autoflip import AutoFLIP
 from coordinator.strategies.base import RoundContext, RoundResult, Strategy, Weights
+from coordinator.strategies.dynamic import DynamicPruning
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.strategies.feddip import FedDIP
 from coordinator.strategies.fedtiny import FedTiny
@@ -13,7 +14,9 @@ from coordinator.strategies.structured import StructuredPruning
 
 __all__ = ["STRATEGIES", "RoundContext", "RoundResult", "Strategy", "Weights", "build_strategy"]
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, StructuredPruning, FedDIP, FedTiny, AutoFLIP)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (FedAvg, StructuredPruning, FedDIP, FedTiny, AutoFLIP, DynamicPruning)
+}
 
 
 def build_strategy(name: str, params: dict[str, Any]) -> Strategy:

@@ -15,6 +15,7 @@ Pure torch, no I/O.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -24,6 +25,7 @@ from models.counting import count_macs
 
 __all__ = [
     "IMPORTANCES",
+    "ImportanceFn",
     "channel_importance",
     "conv_linear_macs",
     "macs_fraction",
@@ -41,6 +43,10 @@ IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
     "random": lambda: tp.importance.RandomImportance(),
 }
 
+# A scorer of one's own: torch-pruning group → (n,) score per channel of the group's root
+# (higher = keep). Called again after every cut, so it must read the current widths.
+ImportanceFn = Callable[[Any], torch.Tensor]
+
 # target_macs: per-step ratio increment of the linear schedule (relative to the widths at
 # call time), as torch-pruning's iterative_steps with linear_scheduler would use.
 _STEP = 0.05
@@ -53,7 +59,7 @@ def prune_channels(
     ratio: float | None = None,
     target_macs: float | None = None,
     round_to: int = 8,
-    importance: str = "l2",
+    importance: str | ImportanceFn = "l2",
     ignored: Sequence[nn.Module] = (),
     layers: Sequence[nn.Module] | None = None,
 ) -> nn.Module:
@@ -71,7 +77,8 @@ def prune_channels(
     `ignored` (and their submodules) are never the root of a pruned group. `layers`
     restricts pruning to the groups that remove output channels of a Conv2d/Linear inside
     one of those modules; coupled channels elsewhere (a residual stream shared by a whole
-    ResNet stage) go with them, since they cannot be removed alone.
+    ResNet stage) go with them, since they cannot be removed alone. `importance` is a
+    name in IMPORTANCES or a callable scoring a group (`ImportanceFn`).
     """
     if (ratio is None) == (target_macs is None):
         raise ValueError("give exactly one of ratio= or target_macs=")
@@ -116,7 +123,7 @@ def channel_importance(
     model: nn.Module,
     example_input: torch.Tensor,
     *,
-    importance: str = "l2",
+    importance: str | ImportanceFn = "l2",
     ignored: Sequence[nn.Module] = (),
     layers: Sequence[nn.Module] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -158,7 +165,9 @@ def conv_linear_macs(model: nn.Module, positions: dict[nn.Module, int]) -> int:
 # ---------------------------------------------------------------- helpers
 
 
-def _importance(name: str) -> tp.importance.Importance:
+def _importance(name: str | ImportanceFn) -> ImportanceFn:
+    if not isinstance(name, str):
+        return name
     try:
         return IMPORTANCES[name]()
     except KeyError:
@@ -238,7 +247,7 @@ def _kept(current: int, reference: int, ratio: float, round_to: int) -> int:
 
 
 @torch.no_grad()
-def _cut(graph: tp.DependencyGraph, root: nn.Module, kept: int, scorer: tp.importance.Importance) -> None:
+def _cut(graph: tp.DependencyGraph, root: nn.Module, kept: int, scorer: ImportanceFn) -> None:
     """Remove the least important channels of root's group so that `kept` remain."""
     current = graph.get_out_channels(root)
     if kept >= current:

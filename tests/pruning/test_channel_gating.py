@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from edge_agent.pruning import (
+from models import build_model
+from models.gating import (
     ChannelGate,
     GatedConvBN,
     channel_usage,
@@ -16,7 +17,6 @@ from edge_agent.pruning import (
     gated_layers,
     static_keep_channels,
 )
-from models import build_model
 
 
 def test_gate_keeps_the_top_channels_per_sample() -> None:
