@@ -5,6 +5,8 @@ store handle (float32 arrays keyed by state_dict name; integer buffers such as B
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 
 from models.gating import GATE_KEY, gate_as
 
-__all__ = ["build_from_state", "load_numpy_state", "seeded_weights", "to_numpy_state"]
+__all__ = ["build_from_state", "load_numpy_state", "seeded_rng", "seeded_weights", "to_numpy_state"]
 
 _SEED_LOCK = threading.Lock()
 
@@ -64,10 +66,18 @@ def build_from_state(
 def seeded_weights(name: str, seed: int, *, in_channels: int, num_classes: int, image_size: int | None = None) -> Weights:
     """The initial weights of zoo model `name` under `torch.manual_seed(seed)`: the same in
     every process with the same torch build, so agents can rebuild instead of download.
-    The global RNG is forked (untouched) and locked (threads would interleave draws)."""
+    The global RNG is left untouched (`seeded_rng`)."""
     from models.zoo import build_model
 
-    with _SEED_LOCK, torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         model = build_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     return to_numpy_state(model)
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run the block under `torch.manual_seed(seed)` with the global RNG forked (untouched
+    afterwards) and locked (threads would interleave draws)."""
+    with _SEED_LOCK, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield

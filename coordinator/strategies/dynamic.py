@@ -84,18 +84,16 @@ class DynamicPruning(Strategy):
 
     # ------------------------------------------------------------------ contract
     def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
-        import torch
         from torch import nn
 
         from models.gating import gate_model
-        from models.state import build_from_state, to_numpy_state
+        from models.state import build_from_state, seeded_rng, to_numpy_state
 
         model = build_from_state(ctx.model, weights, in_channels=ctx.in_channels, num_classes=ctx.num_classes,
                                  image_size=ctx.image_size)
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         skip = tuple(convs[:1]) if self.skip_first else ()
-        with torch.random.fork_rng():
-            torch.manual_seed(_GATE_SEED)
+        with seeded_rng(_GATE_SEED):
             gate_model(model, self.ratio, skip=skip)
         return to_numpy_state(model)
 
@@ -123,9 +121,11 @@ class DynamicPruning(Strategy):
             metrics.update(_gate_metrics(stats, widths, profile))
         if ctx.round < max(1, ctx.total_rounds - self.finetune_rounds):
             return RoundResult(new, state=dict(stats or {}), metrics=metrics)
-        if stats is None:
-            raise ValueError("cannot export the static model: no agent reported gate statistics")
-        gates = {layer: stats[stat_key("gate", layer)] for layer in widths}
+        if stats is None:  # no agent ever reported: drop the gates unscaled rather than stall
+            gates = {layer: np.ones(c, dtype=np.float32) for layer, c in widths.items()}
+            metrics["export_without_stats"] = 1
+        else:
+            gates = {layer: stats[stat_key("gate", layer)] for layer in widths}
         exported = self.export(ctx, new, gates)
         metrics.update(exported=1, export_macs=_macs_of(ctx, exported) / profile["dense"])
         return RoundResult(exported, structure_changed=True, reshape=None, metrics=metrics)

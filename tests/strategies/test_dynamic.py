@@ -59,6 +59,10 @@ def test_registered_and_gates_every_conv_but_the_first() -> None:
     assert w["layer1.0.conv1.gate.top_k"] == round(0.7 * 16)
     assert not any(k.endswith(("usage", "samples", "gate_sum")) for k in w)  # statistics do not travel
     assert set(DynamicPruning().aux_shapes(1, w, {})) == set(aux_shapes_for(widths))
+    torch.manual_seed(123)  # the gates' initialisation is seeded: not the global RNG's
+    again = _initial("resnet20", 3)
+    for k in w:
+        np.testing.assert_array_equal(again[k], w[k])
 
 
 @pytest.mark.parametrize("lossy", [False, True])  # True: the model travelled as fp16
@@ -195,6 +199,19 @@ def test_metrics_and_state_from_the_averaged_statistics() -> None:
     assert res.state[stat_key("gate", "features.3")][0] == 0.5  # kept for a round without reports
     later = DynamicPruning().aggregate(dataclasses.replace(ctx, round=2, aux={}), res.weights, {}, res.state)
     assert later.metrics["density"] == pytest.approx(45 / 64)
+
+
+@pytest.mark.parametrize(("finetune_rounds", "export_round"), [(0, 3), (1, 2)])  # then plain FedAvg
+def test_the_export_round(finetune_rounds: int, export_round: int) -> None:
+    w = _initial("fedavg_cnn")
+    s = DynamicPruning(finetune_rounds=finetune_rounds)
+    for rnd in range(1, 4):
+        res = s.aggregate(RoundContext(rnd, 3, "fedavg_cnn", 1, 10, None, 2), w, {}, {})
+        assert res.structure_changed == (rnd == export_round)
+        assert res.metrics["exported"] == int(rnd >= export_round)
+        if rnd == export_round:  # no statistics reported at all: the gates go unscaled
+            assert res.metrics["export_without_stats"] == 1 and not gated_widths(res.weights)
+        w = res.weights
 
 
 def test_dynamic_federation_ends_with_a_plain_pruned_model_that_exports(
