@@ -1,6 +1,6 @@
 """Strategies side by side on the same federation: same data split, seeds and rounds.
 
-    python -m bench.federation --strategies fedavg,sparse,structured [--agents 10 --rounds 10]
+    python -m bench.federation [--strategies fedavg,structured,...] [--agents 10 --rounds 10]
 
 Runs `fedslim-demo` once per strategy (each a real coordinator + agent processes), then
 prints one table, writes bench/results/federation.json and bench/results/federation.png.
@@ -19,7 +19,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def summarize(name: str, results: dict[str, Any], dense_macs: int | None) -> dict[str, Any]:
-    rounds, final = results["rounds"], results["final"]
+    final = results["final"]
+    rounds = [r for r in results["rounds"] if not r.get("setup")]  # FedTiny's selection rounds train nothing
+    setup_mb = sum(r["bytes_up"] + r["bytes_down"] for r in results["rounds"] if r.get("setup")) / 1e6
     up = sum(r["bytes_up"] for r in rounds) / len(rounds)
     down = sum(r["bytes_down"] for r in rounds) / len(rounds)
     macs = final.get("pruned_macs") or final.get("macs")
@@ -29,14 +31,15 @@ def summarize(name: str, results: dict[str, Any], dense_macs: int | None) -> dic
         "final_macs": macs, "macs_fraction": macs / dense_macs if dense_macs and macs else None,
         "final_params": final.get("params"), "density": rounds[-1].get("density"),
         "agent_peak_mb": max(r.get("agent_peak_mb") or 0 for r in rounds),
-        "wall_seconds": final["wall_seconds"],
+        "wall_seconds": final["wall_seconds"], "setup_rounds": len(results["rounds"]) - len(rounds),
+        "setup_mb": setup_mb,
         "ort_latency_ms": final.get("ort_latency_ms"),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--strategies", default="fedavg,sparse,structured")
+    p.add_argument("--strategies", default="fedavg,sparse,structured,fedtiny,feddip,autoflip,dynamic")
     p.add_argument("--agents", type=int, default=10)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5)
@@ -55,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = json.loads((out / "results.json").read_text())
     dense_macs = next((r["final"].get("dense_macs") for r in runs.values() if r["final"].get("dense_macs")), None)
     rows = [summarize(n, r, dense_macs) for n, r in runs.items()]
-    header = f"{'strategy':<11} {'acc':>6} {'best':>6} {'MB/round':>9} {'up':>7} {'down':>7} {'MACs %':>7} {'params':>8} {'peak MB':>8} {'s':>6}"
+    header = (f"{'strategy':<11} {'acc':>6} {'best':>6} {'MB/round':>9} {'up':>7} {'down':>7} {'MACs %':>7} "
+              f"{'params':>8} {'density':>7} {'peak MB':>8} {'s':>6}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         frac = f"{100 * r['macs_fraction']:.1f}" if r["macs_fraction"] else "-"
         print(f"{r['strategy']:<11} {r['accuracy']:>6.4f} {r['best_accuracy']:>6.4f} {r['mb_per_round']:>9.2f} "
               f"{r['mb_up_per_round']:>7.2f} {r['mb_down_per_round']:>7.2f} {frac:>7} {r['final_params'] or 0:>8} "
-              f"{r['agent_peak_mb']:>8.1f} {r['wall_seconds']:>6.0f}")
+              f"{r['density'] or 1.0:>7.2f} {r['agent_peak_mb']:>8.1f} {r['wall_seconds']:>6.0f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "federation.json").write_text(json.dumps({"args": vars(args), "rows": rows,
                                                           "rounds": {n: r["rounds"] for n, r in runs.items()}}, indent=2))
