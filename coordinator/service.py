@@ -428,6 +428,7 @@ class CoordinatorService:
             "bytes_up": sum(u.bytes for u in ups), "bytes_down": bytes_down,
             "seconds": round(now - live.round_started, 3), "attempts": row.attempt,
             "params": int(sum(v.size for k, v in new_weights.items() if not _is_bn_stat(k))),
+            "density": _weight_density(new_weights),  # strategies with masks report their own
             "macs": self.evaluator.macs(cfg, new_weights),
             "train_loss": float(np.average([r["train_loss"] for r in reports], weights=[u.num_samples for u in ups])) if ups else None,
             "agent_peak_mb": max((r.get("peak_memory_bytes", 0) for r in reports), default=0) / 2**20,
@@ -517,6 +518,12 @@ def _round_for_broadcast(weights: Weights, values: str) -> Weights:
     if values == "fp32":
         return weights
     return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
+
+
+def _weight_density(weights: Weights) -> float:
+    """Nonzero fraction of the conv and linear weights (tensors with ≥ 2 dimensions)."""
+    mats = [v for v in weights.values() if v.ndim >= 2]
+    return sum(int(np.count_nonzero(v)) for v in mats) / max(sum(v.size for v in mats), 1)
 
 
 def _is_bn_stat(name: str) -> bool:

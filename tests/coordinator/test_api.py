@@ -207,6 +207,8 @@ def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClie
     full_model = len(coordinator.get(f"/v1/federations/{fid}/models/0", headers=ADMIN).content)
     assert rows[0]["bytes_down"] == 0  # both agents rebuilt the seeded initial model (sha256 checked)
     assert 0 < rows[2]["bytes_down"] < full_model  # two patches cost less than one full model
+    for r in rows:  # what issue 5 asks of every round's metrics
+        assert r["density"] > 0.99 and r["macs"] > 0 and r["agent_peak_mb"] > 0 and "agent_budget_mb" in r
     agent_weights = a0.sync_model(fid, 3)
     from sparse_kernels import decode
 
