@@ -3,6 +3,8 @@ memory, train, and return the compressed delta with a report. No HTTP here."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from sparse_kernels import SMALL_TENSOR, DeltaMeta, ErrorFeedback, ModelDelta, S
 __all__ = ["BudgetExceeded", "LocalResult", "default_threads", "initial_weights", "run_task"]
 
 Weights = dict[str, np.ndarray]
+log = logging.getLogger("fedslim.agent")
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,34 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
 
 
 def initial_weights(task: Task) -> Weights:
-    """The federation's seeded initial model, built as the coordinator builds it."""
+    """The federation's seeded initial model, built as the coordinator builds it: the
+    seeded zoo model, transformed by the strategy's `initial_weights` (FedDIP's ERK mask,
+    the gates of `dynamic`), rounded like the broadcasts. The caller checks the result
+    against the task's sha256 and downloads on any mismatch."""
     weights = seeded_weights(task.model, task.seed, in_channels=task.in_channels, num_classes=task.num_classes,
                              image_size=task.image_size)
+    weights = _strategy_initial(task, weights)
     if task.download_values != "fp32":  # the coordinator rounds lossy federations' models
         weights = {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
     return weights
+
+
+def _strategy_initial(task: Task, weights: Weights) -> Weights:
+    # The strategies are pure functions of the weights and their constructor params; the
+    # task's params are those plus per-round extras, which the constructor does not take.
+    from coordinator.strategies import STRATEGIES, RoundContext, Strategy
+
+    cls = STRATEGIES.get(task.strategy.name)
+    if cls is None or cls.initial_weights is Strategy.initial_weights:
+        return weights
+    accepted = inspect.signature(cls).parameters
+    try:
+        strategy = cls(**{k: v for k, v in task.strategy.params.items() if k in accepted})
+        ctx = RoundContext(0, 1, task.model, task.in_channels, task.num_classes, task.image_size, 0)
+        return strategy.initial_weights(weights, ctx)
+    except (ValueError, TypeError, KeyError) as exc:  # the download is the fallback
+        log.warning("cannot rebuild the %s initial model locally (%s); downloading it", cls.name, exc)
+        return weights
 
 
 def default_threads(agents_on_host: int) -> int:

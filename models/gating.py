@@ -69,12 +69,12 @@ class ChannelGate(nn.Module):
     gate_sum: torch.Tensor
     samples: torch.Tensor
 
-    def __init__(self, c_in: int, c_out: int, ratio: float) -> None:
+    def __init__(self, c_in: int, c_out: int, ratio: float, *, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}")
         self.fc = nn.Linear(c_in, c_out)
-        nn.init.kaiming_normal_(self.fc.weight)
+        nn.init.kaiming_normal_(self.fc.weight, generator=generator)
         nn.init.constant_(self.fc.bias, 1.0)
         self.register_buffer("top_k", torch.tensor(float(max(1, round(ratio * c_out)))))
         self.register_buffer("usage", torch.zeros(c_out, dtype=torch.long), persistent=False)
@@ -121,12 +121,12 @@ class GatedConvBN(nn.Module):
     macs_sum: torch.Tensor
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, ratio: float, *,
-                 bn_name: str | None = None) -> None:
+                 bn_name: str | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.conv = conv
         self.bn = bn if bn is not None else nn.Identity()
         self.bn_name = bn_name if bn is not None else None
-        self.gate = ChannelGate(conv.in_channels, conv.out_channels, ratio)
+        self.gate = ChannelGate(conv.in_channels, conv.out_channels, ratio, generator=generator)
         self.register_buffer("macs_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.last_gate: torch.Tensor | None = None
         self.last_active_in: torch.Tensor | None = None
@@ -165,13 +165,16 @@ class GatedConvBN(nn.Module):
         return self.conv.in_channels // self.conv.groups * self.conv.out_channels * kh * kw * h * w
 
 
-def gate_model(model: nn.Module, ratio: float, *, skip: tuple[str, ...] = ()) -> nn.Module:
+def gate_model(model: nn.Module, ratio: float, *, skip: tuple[str, ...] = (),
+               generator: torch.Generator | None = None) -> nn.Module:
     """Wrap every Conv2d of `model` in a `GatedConvBN`, in place; returns `model`.
 
     A conv immediately followed (in its parent's registration order) by a BatchNorm2d of
     matching width is fused with it: the BN becomes Identity and the wrapper gates BN
     output (zoo ResNets, VGG). A conv with no BN after it (fedavg_cnn, lenet5) is gated on
     its output directly. skip: conv names (as in named_modules) to leave ungated.
+    generator: draws the gates' initial weights from it (reproducible even while other
+    threads use the global RNG).
     """
     for parent_name, parent in list(model.named_modules()):
         if isinstance(parent, GatedConvBN):
@@ -187,7 +190,7 @@ def gate_model(model: nn.Module, ratio: float, *, skip: tuple[str, ...] = ()) ->
                 if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == child.out_channels:
                     bn, bn_name = nxt, nxt_name
                     setattr(parent, nxt_name, nn.Identity())
-            setattr(parent, child_name, GatedConvBN(child, bn, ratio, bn_name=bn_name))
+            setattr(parent, child_name, GatedConvBN(child, bn, ratio, bn_name=bn_name, generator=generator))
     return model
 
 

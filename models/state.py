@@ -52,9 +52,12 @@ def build_from_state(
     gates and each gate's width, so the same convs are gated before loading."""
     from models.zoo import build_model
 
-    model = build_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
-    if any(k.endswith(GATE_KEY) for k in weights):
-        model = gate_as(model, weights)
+    # The initialisation is overwritten below; the lock only keeps its draws from the
+    # global RNG out of a concurrent `seeded_weights` in another thread.
+    with _SEED_LOCK:
+        model = build_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        if any(k.endswith(GATE_KEY) for k in weights):
+            model = gate_as(model, weights)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if any(shapes.get(k) != w.shape for k, w in weights.items()):
         from models.structure import reshape_to  # structured-pruned: shrink modules first

@@ -84,17 +84,18 @@ class DynamicPruning(Strategy):
 
     # ------------------------------------------------------------------ contract
     def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
+        import torch
         from torch import nn
 
         from models.gating import gate_model
-        from models.state import build_from_state, seeded_rng, to_numpy_state
+        from models.state import build_from_state, to_numpy_state
 
         model = build_from_state(ctx.model, weights, in_channels=ctx.in_channels, num_classes=ctx.num_classes,
                                  image_size=ctx.image_size)
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         skip = tuple(convs[:1]) if self.skip_first else ()
-        with seeded_rng(_GATE_SEED):
-            gate_model(model, self.ratio, skip=skip)
+        # a private generator: agents in threads of one process (tests) draw concurrently
+        gate_model(model, self.ratio, skip=skip, generator=torch.Generator().manual_seed(_GATE_SEED))
         return to_numpy_state(model)
 
     def aux_shapes(self, rnd: int, weights: Weights, state: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -232,6 +232,7 @@ def test_dynamic_federation_ends_with_a_plain_pruned_model_that_exports(
     h.wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
     rows = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
     assert [r["exported"] for r in rows] == [0, 1]
+    assert rows[0]["bytes_down"] == 0  # agents rebuilt the gated initial model (sha256 checked)
     dense = rows[0]["dense_macs"]
     assert rows[0]["macs"] > dense  # round 1: the gated model (computed densely, plus its gates)
     assert 0.5 < rows[0]["density"] < 0.8 and rows[0]["effective_macs"] < 1.0

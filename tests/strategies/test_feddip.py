@@ -214,6 +214,7 @@ def test_feddip_federation_end_to_end(coordinator: TestClient, make_agent: Calla
         t.join()
     h.wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=h.ADMIN).json()["status"] == "completed")
     rows = coordinator.get(f"/v1/federations/{fid}/rounds", headers=h.ADMIN).json()
+    assert rows[0]["bytes_down"] == 0  # agents rebuilt the ERK-masked initial model (sha256 checked)
     schedule = CubicSparsity(3, 0.5, 0.8)
     for row in rows:
         assert row["density"] == pytest.approx(schedule.density(row["round"]), abs=1e-3)
