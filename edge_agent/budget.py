@@ -68,6 +68,13 @@ OPTIMIZER_STATE_SLOTS: dict[str, int] = {"sgd": 0, "sgd_momentum": 1, "adam": 2}
 # is at; while most activations are still saved this is about one largest activation
 # (measured on resnet20/32, vgg11_bn, fedavg_cnn: estimate within 8% of the VmHWM rise).
 _BACKWARD_TRANSIENTS = 1
+# A layer's forward holds its input and output and a scratch buffer about the output's
+# size (im2col/matmul): what a frozen prefix costs although it saves nothing for backward.
+_FORWARD_TRANSIENTS = 2
+# The optimiser step and matmul kernels hold a temporary the size of the largest weight,
+# and the allocator keeps about 1 MiB of slack (bench.memory: a 1.2-4 MB excess that did
+# not grow with the batch, on fedavg_cnn dense and structured).
+_STEP_SLACK_BYTES = 1 << 20
 
 # glibc mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -146,7 +153,9 @@ class MemoryEstimate:
     optimizer_bytes: int  # optimizer state of trainable parameters
     activations_bytes: int  # tensors saved for backward, de-duplicated by storage
     input_bytes: int  # the float input batch (B, C, H, W)
-    workspace_bytes: int  # backward transients: grad of a layer's output and input
+    # transients: backward's gradient of a layer's output, or a forward layer's input,
+    # output and scratch (frozen layers too), plus the optimiser's temporary and slack
+    workspace_bytes: int
 
     @property
     def total(self) -> int:
@@ -179,6 +188,7 @@ def _working_copy(model: nn.Module, trainable: set[str] | None, device: torch.de
 class _SavedTensors:
     total_bytes: int
     largest_bytes: int
+    largest_output_bytes: int  # any module's forward output, frozen ones included
     order: tuple[str, ...]  # parameterised leaf modules in execution order
 
 
@@ -200,11 +210,19 @@ def _count_saved(model: nn.Module, input_shape: Sequence[int], batch_size: int,
         return t
 
     order: list[str] = []
+    outputs = [0]
     handles = []
+
+    def record_output(_m: nn.Module, _a: object, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            outputs[0] = max(outputs[0], out.numel() * out.element_size())
+
     for name, module in work.named_modules():
         if any(True for _ in module.parameters(recurse=False)):
             handles.append(module.register_forward_pre_hook(
                 lambda _m, _a, name=name: order.append(name) if name not in order else None))
+        if not any(True for _ in module.children()):
+            handles.append(module.register_forward_hook(record_output))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = work(x)
@@ -216,7 +234,7 @@ def _count_saved(model: nn.Module, input_shape: Sequence[int], batch_size: int,
     finally:
         for h in handles:
             h.remove()
-    return _SavedTensors(sum(saved.values()), max(saved.values(), default=0), tuple(order))
+    return _SavedTensors(sum(saved.values()), max(saved.values(), default=0), outputs[0], tuple(order))
 
 
 def estimate_training_memory(
@@ -261,7 +279,10 @@ def estimate_training_memory(
         optimizer_bytes=OPTIMIZER_STATE_SLOTS[optimizer] * grads_bytes,
         activations_bytes=saved.total_bytes,
         input_bytes=input_bytes,
-        workspace_bytes=_BACKWARD_TRANSIENTS * max(saved.largest_bytes, input_bytes),
+        workspace_bytes=(max(_BACKWARD_TRANSIENTS * max(saved.largest_bytes, input_bytes),
+                             _FORWARD_TRANSIENTS * saved.largest_output_bytes)
+                         + max((named[n].numel() * named[n].element_size() for n in train_names), default=0)
+                         + _STEP_SLACK_BYTES),
     )
 
 
