@@ -188,7 +188,7 @@ def _working_copy(model: nn.Module, trainable: set[str] | None, device: torch.de
 class _SavedTensors:
     total_bytes: int
     largest_bytes: int
-    largest_output_bytes: int  # any module's forward output, frozen ones included
+    forward_transient_bytes: int  # largest output (and scratch, where it is not saved)
     order: tuple[str, ...]  # parameterised leaf modules in execution order
 
 
@@ -210,12 +210,12 @@ def _count_saved(model: nn.Module, input_shape: Sequence[int], batch_size: int,
         return t
 
     order: list[str] = []
-    outputs = [0]
+    outputs: list[torch.Tensor] = []  # every leaf module's output, held so storage ids stay unique
     handles = []
 
     def record_output(_m: nn.Module, _a: object, out: object) -> None:
         if isinstance(out, torch.Tensor):
-            outputs[0] = max(outputs[0], out.numel() * out.element_size())
+            outputs.append(out)
 
     for name, module in work.named_modules():
         if any(True for _ in module.parameters(recurse=False)):
@@ -234,7 +234,12 @@ def _count_saved(model: nn.Module, input_shape: Sequence[int], batch_size: int,
     finally:
         for h in handles:
             h.remove()
-    return _SavedTensors(sum(saved.values()), max(saved.values(), default=0), outputs[0], tuple(order))
+    # An output autograd keeps is already counted once; one it drops (a frozen prefix)
+    # still exists next to its scratch while the layer runs.
+    transient = max((o.numel() * o.element_size() * (1 if o.untyped_storage()._cdata in saved else _FORWARD_TRANSIENTS)
+                     for o in outputs), default=0)
+    outputs.clear()
+    return _SavedTensors(sum(saved.values()), max(saved.values(), default=0), transient, tuple(order))
 
 
 def estimate_training_memory(
@@ -280,7 +285,7 @@ def estimate_training_memory(
         activations_bytes=saved.total_bytes,
         input_bytes=input_bytes,
         workspace_bytes=(max(_BACKWARD_TRANSIENTS * max(saved.largest_bytes, input_bytes),
-                             _FORWARD_TRANSIENTS * saved.largest_output_bytes)
+                             saved.forward_transient_bytes)
                          + max((named[n].numel() * named[n].element_size() for n in train_names), default=0)
                          + _STEP_SLACK_BYTES),
     )
