@@ -81,7 +81,8 @@ def _plot(runs: dict[str, Any], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in runs.items():
-        rounds = [x["round"] for x in r["rounds"]]
+        setup = sum(1 for x in r["rounds"] if x.get("setup"))  # FedTiny's selection: round 0 and below
+        rounds = [x["round"] - setup for x in r["rounds"]]
         ax1.plot(rounds, [x["accuracy"] for x in r["rounds"]], "o-", label=name)
         ax2.semilogy(rounds, [(x["bytes_up"] + x["bytes_down"]) / 1e6 for x in r["rounds"]], "o-", label=name)
     ax1.set(xlabel="round", ylabel="test accuracy", title="accuracy")
