@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -170,13 +169,7 @@ def test_autoflip_federation_end_to_end(coordinator: TestClient, make_agent: Cal
     agents = [make_agent(0), make_agent(1)]
     fid = h.create_started(coordinator, rounds=3, strategy={"name": "autoflip", "params": {"explore_rounds": 1, "q": 0.3}},
                            training={"batch_size": 32, "lr": 0.05, "max_steps": 4, "upload_values": "fp16"})
-    workers = [threading.Thread(target=a.run, kwargs={"max_tasks": 3, "poll_s": 1}) for a in agents]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    h.wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=h.ADMIN).json()["status"] == "completed")
-    rows = coordinator.get(f"/v1/federations/{fid}/rounds", headers=h.ADMIN).json()
+    rows = h.run_federation(coordinator, fid, agents, max_tasks=3)
     assert [r["explore"] for r in rows] == [1, 0, 0]
     assert [r["density"] for r in rows] == [pytest.approx(0.7, abs=1e-4)] * 3
     models = [decode(coordinator.get(f"/v1/federations/{fid}/models/{v}", headers=h.ADMIN).content).to_dense()

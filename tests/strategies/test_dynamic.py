@@ -6,7 +6,6 @@ channel-pruned model that exports to ONNX."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -224,13 +223,7 @@ def test_dynamic_federation_ends_with_a_plain_pruned_model_that_exports(
                            training={"batch_size": 32, "lr": 0.05, "max_steps": 2, "upload_density": 0.1,
                                      "upload_values": "fp16"},
                            download_density=0.1, download_values="fp16")
-    workers = [threading.Thread(target=a.run, kwargs={"max_tasks": 2, "poll_s": 1}) for a in agents]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    h.wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
-    rows = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
+    rows = h.run_federation(coordinator, fid, agents, max_tasks=2)
     assert [r["exported"] for r in rows] == [0, 1]
     assert rows[0]["bytes_down"] == 0  # agents rebuilt the gated initial model (sha256 checked)
     dense = rows[0]["dense_macs"]

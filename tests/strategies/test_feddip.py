@@ -4,7 +4,6 @@ error feedback and incremental regularisation, and one real federation."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -207,13 +206,7 @@ def test_feddip_federation_end_to_end(coordinator: TestClient, make_agent: Calla
     fid = h.create_started(coordinator, rounds=3, strategy={"name": "feddip", "params": {"sT": 0.8, "reconfigure_every": 1}},
                            training={"batch_size": 32, "lr": 0.05, "max_steps": 4, "upload_density": 0.2,
                                      "upload_values": "fp16"})
-    workers = [threading.Thread(target=a.run, kwargs={"max_tasks": 3, "poll_s": 1}) for a in agents]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    h.wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=h.ADMIN).json()["status"] == "completed")
-    rows = coordinator.get(f"/v1/federations/{fid}/rounds", headers=h.ADMIN).json()
+    rows = h.run_federation(coordinator, fid, agents, max_tasks=3)
     assert rows[0]["bytes_down"] == 0  # agents rebuilt the ERK-masked initial model (sha256 checked)
     schedule = CubicSparsity(3, 0.5, 0.8)
     for row in rows:

@@ -4,7 +4,6 @@ averaged loss), the prune-and-grow schedule, the agent half, and one real federa
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -155,13 +154,7 @@ def test_fedtiny_federation_end_to_end(coordinator: TestClient, make_agent: Call
     fid = h.create_started(coordinator, rounds=3, strategy={"name": "fedtiny", "params": {
         "density": 0.2, "pool_size": 3, "every": 1, "t_end": 3}},
         training={"batch_size": 32, "lr": 0.05, "max_steps": 4, "upload_density": 0.2, "upload_values": "fp16"})
-    workers = [threading.Thread(target=a.run, kwargs={"max_tasks": 4, "poll_s": 1}) for a in agents]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    h.wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=h.ADMIN).json()["status"] == "completed")
-    rows = coordinator.get(f"/v1/federations/{fid}/rounds", headers=h.ADMIN).json()
+    rows = h.run_federation(coordinator, fid, agents, max_tasks=4)
     assert len(rows) == 4 and rows[0]["setup"] == 1  # 1 selection round + 3 training rounds
     assert [r["density"] for r in rows[1:]] == [pytest.approx(0.2, rel=0.03)] * 3
     assert [r["n_grow"] > 0 for r in rows[1:]] == [True, True, False]  # rate is 0 at t_end = 3
