@@ -20,15 +20,6 @@ from edge_agent.pruning.fedtiny import (
     recalibrate_bn,
     topk_pruned_gradients,
 )
-from edge_agent.pruning.gating import (
-    ChannelGate,
-    GatedConvBN,
-    channel_usage,
-    effective_macs,
-    gate_model,
-    gated_layers,
-    static_keep_channels,
-)
 from edge_agent.pruning.masks import (
     Masks,
     apply_masks,
@@ -45,6 +36,15 @@ from edge_agent.pruning.schedules import (
     IncrementalLambda,
     is_reconfiguration_round,
     reconfigure_rounds,
+)
+from models.gating import (
+    ChannelGate,
+    GatedConvBN,
+    channel_usage,
+    effective_macs,
+    gate_model,
+    gated_layers,
+    static_keep_channels,
 )
 
 __all__ = [
