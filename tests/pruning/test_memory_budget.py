@@ -198,3 +198,15 @@ def test_meter_sees_a_50mb_allocation(force_sampling: bool) -> None:
     assert meter.method == ("sampling" if force_sampling else "vmhwm")
     assert meter.baseline_bytes > 10 * MB  # the interpreter and torch
     assert 48 * MB <= meter.peak_rise_bytes <= 60 * MB
+
+
+def test_warm_up_leaves_the_model_untouched() -> None:
+    from edge_agent.local import warm_up
+    from models import make_synthetic
+
+    model = build_model("resnet20", in_channels=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    warm_up(model, make_synthetic(4, channels=3, image_size=32))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
+    assert all(p.grad is None for p in model.parameters())
