@@ -502,8 +502,6 @@ class CoordinatorService:
         return RoundContext(rnd, cfg.rounds, cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size, participants)
 
 
-
-
 def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:
     """What an upload for round `rnd` may carry: the model's tensors and the strategy's
     auxiliary statistics."""

@@ -66,16 +66,15 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
     aux = hooks.aux() if hooks.aux else {}
     meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
                      num_samples=stats.samples, kind="delta")
-    if not hooks.train:  # statistics only: the error-feedback residual waits for a training round
-        tensors: tuple[SparseTensor, ...] = ()
-    elif cfg.upload_density >= 1.0 and cfg.upload_values == "fp32":
-        local = to_numpy_state(model)
-        tensors = tuple(SparseTensor.from_dense_nonzero(k, local[k] - weights[k]) for k in weights)
-    else:
+    tensors: tuple[SparseTensor, ...] = ()  # statistics only: the residual waits for a training round
+    if hooks.train:
         local = to_numpy_state(model)
         change = {k: local[k] - weights[k] for k in weights}
-        tensors = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
-                                    min_dense_numel=SMALL_TENSOR, support=hooks.upload_support).tensors
+        if cfg.upload_density >= 1.0 and cfg.upload_values == "fp32":
+            tensors = tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in change.items())
+        else:
+            tensors = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
+                                        min_dense_numel=SMALL_TENSOR, support=hooks.upload_support).tensors
     extra = tuple(SparseTensor.from_dense_nonzero(k, np.asarray(v, dtype=np.float32)) for k, v in aux.items())
     delta = ModelDelta(meta, tensors + extra)
     body = encode(delta, values=cfg.upload_values)

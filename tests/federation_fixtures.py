@@ -4,6 +4,8 @@ Loaded as a pytest plugin from tests/conftest.py."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,3 +75,27 @@ def create_started(coordinator: TestClient, **overrides: Any) -> str:
 def start_federation(coordinator: TestClient) -> Callable[..., str]:
     """Create and start a small federation; returns its id."""
     return lambda **overrides: create_started(coordinator, **overrides)
+
+
+def run_to_completion(coordinator: TestClient, fid: str, agents: list[EdgeAgent], *, max_tasks: int,
+                      poll_s: float = 1.0, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Run `agents` in threads of this process for `max_tasks` tasks each, wait until the
+    federation completes, and return its rounds' metrics."""
+    workers = [threading.Thread(target=a.run, kwargs={"max_tasks": max_tasks, "poll_s": poll_s}) for a in agents]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    end = time.monotonic() + timeout
+    while coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] != "completed":
+        assert time.monotonic() < end, f"federation {fid} did not complete in {timeout:.0f} s"
+        time.sleep(0.05)
+    rows: list[dict[str, Any]] = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
+    return rows
+
+
+@pytest.fixture
+def run_federation(coordinator: TestClient) -> Callable[..., list[dict[str, Any]]]:
+    """`run_federation(fid, agents, max_tasks=N)`: `run_to_completion` on this coordinator."""
+    return lambda fid, agents, **kw: run_to_completion(coordinator, fid, agents, **kw)
+

@@ -17,6 +17,7 @@ and incremental regularisation, server half.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,25 +25,33 @@ import numpy as np
 from coordinator.strategies.base import RoundContext, RoundResult, Strategy, Weights
 from coordinator.strategies.fedavg import apply_mean_delta
 
-__all__ = ["FedDIP", "auto_reconfigure_every", "density_of", "masked_names"]
+__all__ = ["FedDIP", "auto_reconfigure_every", "density_of", "masked_names", "pruned_names"]
 
 MASK_PREFIX = "mask/"
-_NAMES_CACHE: dict[tuple[str, int, int, int | None, tuple[tuple[str, tuple[int, ...]], ...]], list[str]] = {}
+_NAMES_CACHE: dict[tuple[Any, ...], list[str]] = {}
 
 
-def masked_names(ctx: RoundContext, weights: Weights) -> list[str]:
-    """Names of the weights the mask strategies prune, from the built model (the same
-    `masked_weight_names` the agents use)."""
+def pruned_names(ctx: RoundContext, weights: Weights, select: Callable[[Any], list[str]]) -> list[str]:
+    """The names `select(model)` picks, from the model `weights` builds, cached per
+    structure: the mask strategies call this every round."""
     shapes = tuple((k, tuple(v.shape)) for k, v in weights.items())
-    key = (ctx.model, ctx.in_channels, ctx.num_classes, ctx.image_size, shapes)
+    key = (select.__module__, select.__qualname__, ctx.model, ctx.in_channels, ctx.num_classes, ctx.image_size,
+           shapes)
     if key not in _NAMES_CACHE:
-        from edge_agent.mask_hooks import masked_weight_names
         from models.state import build_from_state
 
         model = build_from_state(ctx.model, weights, in_channels=ctx.in_channels,
                                  num_classes=ctx.num_classes, image_size=ctx.image_size)
-        _NAMES_CACHE[key] = [n for n in masked_weight_names(model) if n in weights]
+        _NAMES_CACHE[key] = [n for n in select(model) if n in weights]
     return _NAMES_CACHE[key]
+
+
+def masked_names(ctx: RoundContext, weights: Weights) -> list[str]:
+    """Names of the weights FedDIP/AutoFLIP prune: the same `masked_weight_names` the
+    agents use."""
+    from edge_agent.mask_hooks import masked_weight_names
+
+    return pruned_names(ctx, weights, masked_weight_names)
 
 
 def density_of(weights: Weights, names: list[str]) -> float:

@@ -37,12 +37,12 @@ from coordinator.strategies.feddip import (
     density_of,
     masks_from_state,
     masks_to_state,
+    pruned_names,
 )
 
 __all__ = ["FedTiny", "adjusted_layers", "grow_rate", "has_bn"]
 
 Phase = Literal["bn", "select", "train"]
-_NAMES_CACHE: dict[tuple[Any, ...], list[str]] = {}
 
 
 def has_bn(weights: Weights) -> bool:
@@ -117,13 +117,13 @@ class FedTiny(Strategy):
 
     def grow_plan(self, t: int, total: int, names: list[str], masks: dict[str, np.ndarray]) -> dict[str, int]:
         """n_grow per adjusted layer when closing training round t (empty: no adjustment)."""
+        import torch
+
+        from edge_agent.pruning.fedtiny import grow_counts
+
         layers = adjusted_layers(t, layer_groups(names, self.granularity), self.every(total), self.t_end(total))
         rate = grow_rate(t, self.t_end(total), self.initial_rate)
-        plan = {}
-        for n in layers:
-            m = masks[n]
-            nonzero = int(m.sum())
-            plan[n] = min(math.ceil(rate * nonzero), m.size - nonzero, nonzero) if rate > 0 else 0
+        plan = grow_counts({n: torch.from_numpy(masks[n]) for n in layers}, rate)
         return {n: k for n, k in plan.items() if k > 0}
 
     # ------------------------------------------------------------------ what agents do
@@ -215,15 +215,9 @@ class FedTiny(Strategy):
                            metrics=metrics)
 
 
+
 def fedtiny_names(ctx: RoundContext, weights: Weights) -> list[str]:
     """The pruned weights' names, from the built model (`fedtiny_weight_names`)."""
-    key = (ctx.model, ctx.in_channels, ctx.num_classes, ctx.image_size,
-           tuple((k, v.shape) for k, v in weights.items()))
-    if key not in _NAMES_CACHE:
-        from edge_agent.pruning.fedtiny import fedtiny_weight_names
-        from models.state import build_from_state
+    from edge_agent.pruning.fedtiny import fedtiny_weight_names
 
-        model = build_from_state(ctx.model, weights, in_channels=ctx.in_channels,
-                                 num_classes=ctx.num_classes, image_size=ctx.image_size)
-        _NAMES_CACHE[key] = fedtiny_weight_names(model)
-    return _NAMES_CACHE[key]
+    return pruned_names(ctx, weights, fedtiny_weight_names)

@@ -193,17 +193,12 @@ def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, ma
     assert [m["round"] for m in coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()] == [1, 2, 3]
 
 
-def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str],
+        run_federation: Callable[..., list]) -> None:
     a0, a1 = make_agent(0), make_agent(1)
     fid = start_federation(rounds=3, download_density=0.2, download_values="fp16",
                          training={"upload_density": 0.1, "upload_values": "fp16", "batch_size": 32})
-    workers = [threading.Thread(target=a.run, kwargs={"max_tasks": 3, "poll_s": 2}) for a in (a0, a1)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
-    rows = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
+    rows = run_federation(fid, [a0, a1], max_tasks=3, poll_s=2)
     full_model = len(coordinator.get(f"/v1/federations/{fid}/models/0", headers=ADMIN).content)
     assert rows[0]["bytes_down"] == 0  # both agents rebuilt the seeded initial model (sha256 checked)
     assert 0 < rows[2]["bytes_down"] < full_model  # two patches cost less than one full model
@@ -217,17 +212,13 @@ def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClie
         np.testing.assert_array_equal(agent_weights[k], v)
 
 
-def test_coordinator_serves_the_verified_onnx_export(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+def test_coordinator_serves_the_verified_onnx_export(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str],
+        run_federation: Callable[..., list]) -> None:
     import onnxruntime as ort
 
     agents = [make_agent(0), make_agent(1)]
     fid = start_federation(rounds=1)
-    threads = [threading.Thread(target=a.run, kwargs={"max_tasks": 1, "poll_s": 2}) for a in agents]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
+    run_federation(fid, agents, max_tasks=1, poll_s=2)
     report = coordinator.get(f"/v1/federations/{fid}/export/report", headers=ADMIN).json()
     onnx_bytes = coordinator.get(f"/v1/federations/{fid}/export/model.onnx", headers=ADMIN).content
     assert report["parity_max_abs_diff"] <= 1e-4 and report["pruned_macs"] == report["dense_macs"]

@@ -3,8 +3,6 @@ by slicing what they hold (reshape) plus a sparse patch, bit-exact with the serv
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -65,22 +63,14 @@ def test_bad_reshape_documents_are_refused(doc: bytes) -> None:
 
 
 def test_agents_follow_structured_pruning_without_full_downloads(
-    coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]
+    coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str],
+    run_federation: Callable[..., list],
 ) -> None:
     agents = [make_agent(0), make_agent(1)]
     fid = start_federation(rounds=3, model="fedavg_cnn", download_density=0.2, download_values="fp16",
                            strategy={"name": "structured", "params": {"target_macs": 0.3, "prune_steps": 2}},
                            training={"upload_density": 0.1, "upload_values": "fp16", "batch_size": 32})
-    threads = [threading.Thread(target=a.run, kwargs={"max_tasks": 3, "poll_s": 2}) for a in agents]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    end = time.monotonic() + 30
-    while coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] != "completed":
-        assert time.monotonic() < end
-        time.sleep(0.1)
-    rows = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
+    rows = run_federation(fid, agents, max_tasks=3, poll_s=2)
     assert rows[0]["macs"] < rows[0]["dense_macs"] and rows[1]["macs"] <= 0.3 * rows[0]["dense_macs"]
     full = len(coordinator.get(f"/v1/federations/{fid}/models/3", headers=ADMIN).content)
     assert all(r["bytes_down"] < full for r in rows), ([r["bytes_down"] for r in rows], full)  # never a whole model each

@@ -3,7 +3,6 @@ in-process coordinator (copied from tests/coordinator/conftest.py, trimmed)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,19 +49,6 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def run_federation(coordinator: Any, fid: str, agents: list[Any], *, max_tasks: int) -> list[dict[str, Any]]:
-    """Run `agents` (threads of this process) for `max_tasks` tasks each, wait until the
-    federation completes, and return its rounds' metrics."""
-    workers = [threading.Thread(target=a.run, kwargs={"max_tasks": max_tasks, "poll_s": 1}) for a in agents]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
-    rows: list[dict[str, Any]] = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
-    return rows
-
-
 class Helpers:
     """The helpers above as a fixture (test modules cannot import conftest under
     --import-mode=importlib)."""
@@ -72,11 +58,12 @@ class Helpers:
     context = staticmethod(context)
     task_for = staticmethod(task_for)
     wait_for = staticmethod(wait_for)
-    run_federation = staticmethod(run_federation)
 
 
 @pytest.fixture
-def h(start_federation: Callable[..., str]) -> Helpers:
+def h(start_federation: Callable[..., str], run_federation: Callable[..., list[dict[str, Any]]]) -> Helpers:
     helpers = Helpers()
     helpers.create_started = lambda _coordinator, **kw: start_federation(**kw)  # type: ignore[attr-defined]
+    helpers.run_federation = lambda _coordinator, fid, agents, **kw: run_federation(  # type: ignore[attr-defined]
+        fid, agents, **kw)
     return helpers
