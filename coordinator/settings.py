@@ -31,6 +31,21 @@ class CoordinatorSettings(BaseSettings):
     tick_s: float = 0.2
     torch_threads: int = 1
 
+    # ---- limits on what the network can make the coordinator hold (issue 10)
+    max_json_bytes: int = 64 << 10  # every JSON body and the report header
+    max_model_params: int = 50_000_000  # refused at create: a model this big would not fit
+    max_agents: int = 100_000  # enrollment refuses beyond this many identities
+    enroll_per_ip_per_minute: float = 30.0  # token bucket (burst = one minute's worth)
+    uploads_per_agent_per_minute: float = 30.0
+    requests_per_ip_per_second: float = 0.0  # 0 = off (a proxy usually does this)
+    # ---- serving (uvicorn): connection limits and timeouts against slow or idle clients
+    limit_concurrency: int = 4096  # connections + tasks; beyond this uvicorn answers 503
+    timeout_keep_alive_s: float = 5.0
+    header_timeout_s: float = 10.0  # a connection must send its request head within this
+    body_timeout_s: float = 120.0  # an upload body must arrive within this
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
     @model_validator(mode="after")
     def _refuse_placeholder_tokens(self) -> CoordinatorSettings:
         if not self.dev_mode:
