@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "API_PREFIX",
     "AgentPublic",
+    "AggregationSpec",
+    "MAX_ID",
+    "MAX_SEED",
     "DataSpec",
     "EnrollRequest",
     "EnrollResponse",
@@ -59,8 +62,8 @@ class TrainingConfig(_Strict):
 
 
 class StrategySpec(_Strict):
-    name: str = "fedavg"
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("fedavg", min_length=1, max_length=64)
+    params: dict[str, Any] = Field(default_factory=dict, max_length=64)
 
 
 class DataSpec(_Strict):
@@ -68,14 +71,38 @@ class DataSpec(_Strict):
     uses `dataset` for server-side evaluation on its test split."""
 
     dataset: Literal["fashion_mnist", "cifar10", "synthetic"] = "fashion_mnist"
-    data_dir: str | None = None
-    partition: str = "dirichlet:0.5"
-    eval_samples: int | None = Field(None, ge=1, description="evaluate on the first N test samples")
+    data_dir: str | None = Field(None, max_length=4096)
+    partition: str = Field("dirichlet:0.5", max_length=100)
+    eval_samples: int | None = Field(None, ge=1, le=10**7, description="evaluate on the first N test samples")
+
+
+MAX_ID = 2**31 - 1  # round numbers and model versions (SQL INTEGER everywhere)
+MAX_SEED = 2**32 - 1
+
+
+class AggregationSpec(_Strict):
+    """How the round's accepted updates become one mean delta, and what one upload may
+    weigh. The defaults keep the mean exact for honest agents and bound what one hostile
+    agent can do: an update's L2 norm is clipped to `clip_norm` (or, when that is unset,
+    to `clip_relative` x max(1, ||global weights||)), and its weight to `max_num_samples`."""
+
+    rule: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="mean: sample-weighted FedAvg (streaming, O(model) memory); median / "
+        "trimmed_mean: coordinate-wise and unweighted (Yin et al. 2018), O(clients x model) at close",
+    )
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: fraction cut at each end")
+    clip_norm: float | None = Field(None, gt=0, le=1e9, description="absolute L2 clip of each update")
+    clip_relative: float | None = Field(
+        1.0, gt=0, le=1e6, description="clip to this multiple of max(1, ||w||) when clip_norm is unset; "
+        "null with clip_norm unset turns clipping off",
+    )
+    max_num_samples: int = Field(100_000, ge=1, le=10**9, description="an update's weight is capped here")
+    weighting: Literal["samples", "uniform"] = "samples"
 
 
 class FederationCreate(_Strict):
     name: str = Field("federation", min_length=1, max_length=100)
-    model: str = "fedavg_cnn"
+    model: str = Field("fedavg_cnn", min_length=1, max_length=64)
     in_channels: int = Field(1, ge=1, le=4)
     num_classes: int = Field(10, ge=2, le=1000)
     image_size: int | None = Field(None, ge=8, le=512)
@@ -90,10 +117,11 @@ class FederationCreate(_Strict):
     # rest is carried in a server residual); 1.0 sends every change exactly.
     download_density: float = Field(1.0, gt=0, le=1)
     download_values: ValueEncoding = "fp32"
-    memory_budget_mb: float | None = Field(None, gt=0)
+    memory_budget_mb: float | None = Field(None, gt=0, le=2**30)
     # Uploads whose L2 norm exceeds this are rejected (a cheap defence against blow-ups).
-    max_update_norm: float | None = Field(None, gt=0)
-    seed: int = 0
+    max_update_norm: float | None = Field(None, gt=0, le=1e9)
+    aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec())
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("min_clients")
     @classmethod
@@ -110,6 +138,7 @@ class FederationStatus(str, Enum):
     paused = "paused"
     stopped = "stopped"
     completed = "completed"
+    failed = "failed"  # a round could not be closed; `error` says why
 
 
 class FederationPublic(_Strict):
@@ -119,6 +148,7 @@ class FederationPublic(_Strict):
     current_round: int  # rounds completed so far
     model_version: int
     created_at: float
+    error: str | None = None  # why it failed, or why round closing is backing off
 
 
 class RoundMetrics(BaseModel):
@@ -139,7 +169,7 @@ class RoundMetrics(BaseModel):
 class EnrollRequest(_Strict):
     enrollment_token: str = Field(min_length=1, max_length=512)
     name: str = Field("agent", min_length=1, max_length=100, pattern=r"^[\w.\-]+$")
-    memory_budget_bytes: int | None = Field(None, gt=0)
+    memory_budget_bytes: int | None = Field(None, gt=0, le=2**50)
     platform: str = Field("", max_length=200)
 
 
@@ -153,7 +183,7 @@ class AgentPublic(_Strict):
     name: str
     enrolled_at: float
     last_seen: float
-    status: str
+    status: str  # online | offline | revoked
     memory_budget_bytes: int | None = None
 
 
@@ -182,14 +212,15 @@ class Task(_Strict):
 class UpdateReport(_Strict):
     """What an agent says about its local work (sent as JSON in REPORT_HEADER)."""
 
+    # every field bounded: a report is folded into metrics arithmetic at the round close
     num_samples: int = Field(ge=1, le=10**9)
-    train_loss: float = Field(allow_inf_nan=False)
-    train_accuracy: float = Field(ge=0, le=1)
-    train_seconds: float = Field(ge=0)
-    peak_memory_bytes: int = Field(0, ge=0)
-    planned_memory_bytes: int = Field(0, ge=0)
-    baseline_memory_bytes: int = Field(0, ge=0)
-    batch_size: int = Field(0, ge=0)
+    train_loss: float = Field(ge=-1e12, le=1e12, allow_inf_nan=False)
+    train_accuracy: float = Field(ge=0, le=1, allow_inf_nan=False)
+    train_seconds: float = Field(ge=0, le=1e7, allow_inf_nan=False)
+    peak_memory_bytes: int = Field(0, ge=0, le=2**50)
+    planned_memory_bytes: int = Field(0, ge=0, le=2**50)
+    baseline_memory_bytes: int = Field(0, ge=0, le=2**50)
+    batch_size: int = Field(0, ge=0, le=10**6)
 
 
 class UpdateReceipt(_Strict):
