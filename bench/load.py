@@ -212,10 +212,10 @@ class Recorder:
     started_at: float | None = None  # federation start
     incomplete: str | None = None
 
-    def error(self, what: str) -> None:
+    def error(self, what: str, detail: str = "") -> None:
         self.errors[what] += 1
         if sum(self.errors.values()) <= 5:  # the first few, so a broken run says why at once
-            log(f"  error: {what}")
+            log(f"  error: {what} {detail}".rstrip())
 
 
 class Run:
@@ -239,7 +239,7 @@ class Run:
             self.rec.error(f"{op} {type(exc).__name__}")
             return None
         if resp.status_code not in ok:
-            self.rec.error(f"{op} {resp.status_code}")
+            self.rec.error(f"{op} {resp.status_code}", resp.text[:300])
             return None
         if timed:
             self.rec.latency[op].append(time.perf_counter() - t0)
@@ -532,13 +532,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for key, label in (("health", "/health"), ("upload", "upload"), ("poll", "poll wait=0")):
         ys = [r[f"{key}_p99_s"] for r in rows]
         ax1.plot(ns, [1000 * y if y is not None else math.nan for y in ys], "o-", label=f"{label} p99")
-    ax1.axhline(1000 * HEALTH_TARGET_S, ls=":", c="gray")
-    ax1.axhline(1000 * UPLOAD_TARGET_S, ls="--", c="gray")
-    ax1.set(xlabel="agents", ylabel="ms", title="p99 latency (targets dotted/dashed)", xscale="log", yscale="log")
+    ax1.axhline(1000 * HEALTH_TARGET_S, ls=":", c="gray", label="/health target")
+    ax1.axhline(1000 * UPLOAD_TARGET_S, ls="--", c="gray", label="upload target")
+    ax1.set(xlabel="agents", ylabel="ms", title="p99 latency", xscale="log", yscale="log", xticks=ns)
+    ax1.set_xticklabels([str(n) for n in ns])
+    ax1.minorticks_off()
     for r in rows:
         rss = [x if x is not None else math.nan for x in r["rss_mb_per_round"]]
         ax2.plot(range(1, len(rss) + 1), rss, "o-", label=f"N={r['agents']}")
-    ax2.set(xlabel="round", ylabel="MB", title="coordinator RSS at each round close")
+    ax2.set(xlabel="round", ylabel="MB", title="coordinator RSS at each round close", ylim=(0, None))
+    ax2.xaxis.get_major_locator().set_params(integer=True)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
