@@ -218,6 +218,12 @@ class Recorder:
             log(f"  error: {what} {detail}".rstrip())
 
 
+def _limits(pool: int) -> httpx.Limits:
+    # Idle connections expire here well before the server's keep-alive timeout (5 s), so
+    # a request never goes out on a connection the server is closing at that moment.
+    return httpx.Limits(max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=2.0)
+
+
 class Run:
     def __init__(self, n: int, args: argparse.Namespace, coord: Coordinator, rec: Recorder) -> None:
         self.n, self.args, self.coord, self.rec = n, args, coord, rec
@@ -226,8 +232,7 @@ class Run:
         self.fid = ""
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")  # keeps the event loop free
         pool = n + 16  # a connection per agent (each has at most one request out) and spare
-        self.http = httpx.AsyncClient(base_url=coord.url, timeout=30,
-                                      limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
+        self.http = httpx.AsyncClient(base_url=coord.url, timeout=30, limits=_limits(pool))
 
     async def call(self, op: str, method: str, path: str, *, ok: tuple[int, ...] = (200,),
                    http: httpx.AsyncClient | None = None, timed: bool = True, **kw: Any) -> httpx.Response | None:
@@ -260,8 +265,7 @@ class Run:
     async def prober(self) -> None:
         """GET /health every 50 ms whether or not the previous probe came back, so a stall
         shows as many slow probes, not as one."""
-        async with httpx.AsyncClient(base_url=self.coord.url, timeout=10,
-                                     limits=httpx.Limits(max_connections=256)) as http:
+        async with httpx.AsyncClient(base_url=self.coord.url, timeout=10, limits=_limits(256)) as http:
             probes: set[asyncio.Task[httpx.Response | None]] = set()
             while not self.stop.is_set():
                 if len(probes) < 200:  # 10 s of probes outstanding: the timeout's worth
