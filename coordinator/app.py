@@ -3,19 +3,32 @@ service, map domain errors to HTTP status codes in one place."""
 
 # No `from __future__ import annotations`: FastAPI must resolve the local dependencies.
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
 
 from coordinator.dashboard import DASHBOARD_HTML
-from coordinator.errors import BadRequest, CoordinatorError, PayloadTooLarge
+from coordinator.errors import (
+    BadRequest,
+    CoordinatorError,
+    PayloadTooLarge,
+    RequestTimeout,
+    TooManyRequests,
+    Unavailable,
+)
+from coordinator.limits import BodyLimit
 from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
+    MAX_ID,
     REPORT_HEADER,
     RESHAPE_HEADER,
     VERSION_HEADER,
@@ -35,6 +48,11 @@ from models import __version__
 __all__ = ["create_app"]
 
 _OCTETS = "application/octet-stream"
+# Path parameters, bounded so nothing reaches SQL that SQL INTEGER cannot hold
+FederationId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+AgentId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+RoundNo = Annotated[int, Path(ge=1, le=MAX_ID)]
+VersionNo = Annotated[int, Path(ge=0, le=MAX_ID)]
 
 
 def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
@@ -45,7 +63,17 @@ def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None
 
 def _public(row: FederationRow) -> FederationPublic:
     return FederationPublic(id=row.id, status=row.status, config=FederationCreate.model_validate(row.config),  # type: ignore[arg-type]
-                            current_round=row.current_round, model_version=row.model_version, created_at=row.created_at)
+                            current_round=row.current_round, model_version=row.model_version, created_at=row.created_at,
+                            error=row.error)
+
+
+def _agent_public(svc: CoordinatorService, a: AgentRow) -> AgentPublic:
+    return AgentPublic(id=a.id, name=a.name, enrolled_at=a.enrolled_at, last_seen=a.last_seen,
+                       status=svc.agent_status(a), memory_budget_bytes=a.info.get("memory_budget_bytes"))
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | None = None) -> FastAPI:
@@ -57,129 +85,154 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         try:
             yield
         finally:
-            svc.stop()
+            await run_in_threadpool(svc.stop)
 
     app = FastAPI(title="fedslim coordinator", version=__version__, lifespan=lifespan)
     app.state.service = svc
+    app.add_middleware(BodyLimit, limits=svc.settings)
 
     @app.exception_handler(CoordinatorError)
     async def _domain_error(_: Request, exc: CoordinatorError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
+        if isinstance(exc, TooManyRequests | Unavailable):
+            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, exc.status_code, headers=headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # never echo the input back (a 150 MB body would come back in the 422)
+        errors = [{"loc": list(e.get("loc", ()))[:8], "msg": str(e.get("msg", ""))[:300], "type": e.get("type")}
+                  for e in exc.errors()[:20]]
+        return JSONResponse({"detail": errors, "error": "ValidationError"}, 422)
+
+    @app.exception_handler(OSError)
+    async def _storage(_: Request, exc: OSError) -> JSONResponse:
+        return JSONResponse({"detail": f"storage unavailable ({type(exc).__name__}: {exc.strerror or exc}); "
+                             "nothing was accepted, retry later", "error": "Unavailable"}, 503,
+                            headers={"Retry-After": "5"})
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        return JSONResponse({"detail": f"database unavailable ({type(exc.orig).__name__}); nothing was accepted, "
+                             "retry later", "error": "Unavailable"}, 503, headers={"Retry-After": "5"})
+
     def admin(token: Annotated[str | None, Depends(_bearer)]) -> None:
-        svc.check_admin(token)
+        svc.auth.check_admin(token)
 
     def agent(token: Annotated[str | None, Depends(_bearer)]) -> AgentRow:
-        return svc.authenticate_agent(token)
+        return svc.auth.agent(token)
 
     Admin = Depends(admin)
     api = APIRouter(prefix=API_PREFIX)
 
     @api.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    async def health() -> dict:
+        """Liveness plus what is wrong: federations backing off or failing, a stalled
+        scheduler (answered from memory, without the database)."""
+        return {**svc.health(), "version": __version__}
 
     # ---------------------------------------------------------------- federations (admin)
     @api.post("/federations", dependencies=[Admin], status_code=201)
     def create_federation(body: FederationCreate) -> FederationPublic:
-        try:
-            return _public(svc.create_federation(body))
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+        return _public(svc.create_federation(body))
 
     @api.get("/federations", dependencies=[Admin])
     def list_federations() -> list[FederationPublic]:
         return [_public(r) for r in svc.list_federations()]
 
     @api.get("/federations/{fid}", dependencies=[Admin])
-    def get_federation(fid: str) -> FederationPublic:
+    def get_federation(fid: FederationId) -> FederationPublic:
         return _public(svc.get_federation(fid))
 
     @api.post("/federations/{fid}/{action}", dependencies=[Admin])
-    def federation_action(fid: str, action: str) -> FederationPublic:
+    def federation_action(fid: FederationId, action: Annotated[str, Path(max_length=16)]) -> FederationPublic:
         return _public(svc.set_status(fid, action))
 
     @api.get("/federations/{fid}/rounds", dependencies=[Admin])
-    def round_metrics(fid: str) -> list[dict]:
+    def round_metrics(fid: FederationId) -> list[dict]:
         return svc.round_metrics(fid)
 
     @api.get("/agents", dependencies=[Admin])
     def list_agents() -> list[AgentPublic]:
-        return [AgentPublic(id=a.id, name=a.name, enrolled_at=a.enrolled_at, last_seen=a.last_seen,
-                            status=svc.agent_status(a), memory_budget_bytes=a.info.get("memory_budget_bytes"))
-                for a in svc.list_agents()]
+        return [_agent_public(svc, a) for a in svc.list_agents()]
+
+    @api.delete("/agents/{agent_id}", dependencies=[Admin])
+    def revoke_agent(agent_id: AgentId) -> AgentPublic:
+        """Revoke an agent's token: it can no longer poll, download or upload."""
+        return _agent_public(svc, svc.revoke_agent(agent_id))
 
     # ---------------------------------------------------------------- agents
     @api.post("/agents/enroll", status_code=201)
-    def enroll(body: EnrollRequest) -> EnrollResponse:
-        agent_id, token = svc.enroll(body)
+    def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
+        agent_id, token = svc.auth.enroll(body, _client_ip(request))
         return EnrollResponse(agent_id=agent_id, agent_token=token)
 
     @api.get("/tasks", responses={204: {"description": "no task within the wait"}})
-    def next_task(who: Annotated[AgentRow, Depends(agent)], wait: Annotated[float, Query(ge=0, le=60)] = 10.0) -> Response:
-        task = svc.next_task(who, wait)
+    async def next_task(who: Annotated[AgentRow, Depends(agent)],
+                        wait: Annotated[float, Query(ge=0, le=60)] = 10.0) -> Response:
+        """Long poll (a coroutine: a waiting agent holds no thread)."""
+        task = await svc.next_task(who, wait)
         if task is None:
             return Response(status_code=204)
-        return Response(task.model_dump_json(), media_type="application/json")
+        return Response(task, media_type="application/json")
 
-    # ---------------------------------------------------------------- models (agents or admin)
+    # ---------------------------------------------------------------- models (members or admin)
     def _model_response(fid: str, version: int | None, patch: bool, reshape: bool = False) -> Response:
         v, data, has_reshape = svc.model_bytes(fid, version, patch=patch, reshape=reshape)
         kind = "reshape" if reshape else "patch" if patch else "model"
         headers = {VERSION_HEADER: str(v), KIND_HEADER: kind, RESHAPE_HEADER: "1" if has_reshape else "0"}
         return Response(data, media_type="application/json" if reshape else _OCTETS, headers=headers)
 
-    def model_reader(token: Annotated[str | None, Depends(_bearer)]) -> None:
-        try:
-            svc.authenticate_agent(token)
-        except CoordinatorError:
-            svc.check_admin(token)
+    def reader(fid: FederationId, token: Annotated[str | None, Depends(_bearer)]) -> None:
+        svc.check_reader(token, fid)
 
-    Reader = Depends(model_reader)
+    Reader = Depends(reader)
 
     @api.get("/federations/{fid}/model", dependencies=[Reader], response_class=Response)
-    def current_model(fid: str) -> Response:
+    def current_model(fid: FederationId) -> Response:
         return _model_response(fid, None, False)
 
     @api.get("/federations/{fid}/models/{version}", dependencies=[Reader], response_class=Response)
-    def model_version(fid: str, version: int) -> Response:
+    def model_version(fid: FederationId, version: VersionNo) -> Response:
         return _model_response(fid, version, False)
 
     @api.get("/federations/{fid}/models/{version}/patch", dependencies=[Reader], response_class=Response)
-    def model_patch(fid: str, version: int) -> Response:
+    def model_patch(fid: FederationId, version: VersionNo) -> Response:
         """Delta from version-1; apply the reshape first when the RESHAPE header says 1."""
         return _model_response(fid, version, True)
 
     @api.get("/federations/{fid}/models/{version}/reshape", dependencies=[Reader], response_class=Response)
-    def model_reshape(fid: str, version: int) -> Response:
+    def model_reshape(fid: FederationId, version: VersionNo) -> Response:
         """Kept channel indices per tensor and dimension, from version-1 (JSON)."""
         return _model_response(fid, version, False, reshape=True)
 
-    @api.get("/federations/{fid}/export/model.onnx", dependencies=[Reader], response_class=Response)
-    def export_model(fid: str) -> Response:
+    @api.get("/federations/{fid}/export/model.onnx", dependencies=[Admin], response_class=Response)
+    def export_model(fid: FederationId) -> Response:
         """The current global model, structured-pruned, as ONNX (verified against ORT)."""
         path, _ = svc.export(fid)
         return Response(path.read_bytes(), media_type=_OCTETS)
 
-    @api.get("/federations/{fid}/export/report", dependencies=[Reader])
-    def export_report(fid: str) -> dict:
+    @api.get("/federations/{fid}/export/report", dependencies=[Admin])
+    def export_report(fid: FederationId) -> dict:
         """MACs dense vs pruned, parity, ORT latency and accuracy of the exported model."""
         return svc.export(fid)[1]
 
     # ---------------------------------------------------------------- updates
     @api.put("/federations/{fid}/rounds/{rnd}/update")
-    async def upload(fid: str, rnd: int, request: Request, who: Annotated[AgentRow, Depends(agent)],
+    async def upload(fid: FederationId, rnd: RoundNo, request: Request, who: Annotated[AgentRow, Depends(agent)],
                      report: Annotated[str | None, Header(alias=REPORT_HEADER)] = None) -> UpdateReceipt:
         if report is None:
             raise BadRequest(f"missing {REPORT_HEADER} header")
+        if len(report) > settings.max_json_bytes:
+            raise PayloadTooLarge(f"{REPORT_HEADER} exceeds {settings.max_json_bytes} bytes")
         try:
             parsed = UpdateReport.model_validate_json(report)
         except ValidationError as exc:
-            raise BadRequest(f"bad {REPORT_HEADER}: {exc.errors(include_url=False)}") from None
-        body = await _read_capped(request, settings.max_upload_bytes)
-        from starlette.concurrency import run_in_threadpool
-
+            errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)[:10]]
+            raise BadRequest(f"bad {REPORT_HEADER}: {errors}") from None
+        # refuse what can be refused before reading a byte of the body
+        await run_in_threadpool(svc.check_upload, who, fid, rnd)
+        body = await _read_capped(request, svc.settings.max_upload_bytes, svc.settings.body_timeout_s)
         accepted, duplicate = await run_in_threadpool(svc.submit_update, who, fid, rnd, body, parsed)
         return UpdateReceipt(federation_id=fid, round=rnd, accepted=accepted, duplicate=duplicate)
 
@@ -192,14 +245,24 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     return app
 
 
-async def _read_capped(request: Request, cap: int) -> bytes:
+async def _read_capped(request: Request, cap: int, timeout_s: float) -> bytes:
+    """The body, at most `cap` bytes, within `timeout_s` (a slow sender is cut off)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise PayloadTooLarge(f"update of {declared} bytes exceeds {cap}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise PayloadTooLarge(f"update exceeds {cap} bytes")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise PayloadTooLarge(f"update exceeds {cap} bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"update body not received within {timeout_s:.0f} s") from None
     return b"".join(chunks)

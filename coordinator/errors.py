@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
-    "BadRequest", "CoordinatorError", "Forbidden", "NotFound", "PayloadTooLarge",
-    "StaleUpdate", "Unauthorized",
+    "BadRequest", "CoordinatorError", "FederationFailed", "Forbidden", "NotFound", "PayloadTooLarge",
+    "RequestTimeout", "StaleUpdate", "TooManyRequests", "Unauthorized", "Unavailable",
 ]
 
 
@@ -38,3 +38,34 @@ class StaleUpdate(CoordinatorError):
 
 class PayloadTooLarge(CoordinatorError):
     status_code = 413
+
+
+class TooManyRequests(CoordinatorError):
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(CoordinatorError):
+    """Storage or database trouble (disk full, I/O error, database down): retry later.
+    Nothing was accepted."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class FederationFailed(CoordinatorError):
+    """A round of this federation cannot be closed (the reason is in the message)."""
+
+    status_code = 409
+
+
+class RequestTimeout(CoordinatorError):
+    """The request body did not arrive in time."""
+
+    status_code = 408

@@ -1,9 +1,15 @@
-"""The coordinator's state machine driver: federations, enrollment, tasks, uploads and
-round closing, over the durable `Store`.
+"""The coordinator's state machine over the durable `Store`: federation lifecycle, uploads,
+round opening and closing, and the scheduler that drives them.
 
-Concurrency: request handlers run in a thread pool and a scheduler thread ticks; one
-re-entrant lock guards the in-memory caches (global weights, streaming accumulators),
-and a condition on it wakes long-polling agents when a round opens.
+Around it, one module per responsibility: `auth` (tokens, enrollment, rate limits),
+`tasks` (the task board long polls wait on), `aggregation` (an attempt's updates, each
+folded once), `broadcast` (what agents will hold), `round_metrics`, `isolation` (a failing
+federation backs off and fails alone), `admission` (what a federation config may ask).
+
+Concurrency: request handlers run in a thread pool (long polls on the event loop, via the
+task board) and a scheduler thread ticks. `self.lock` guards the in-memory federation
+caches and serialises uploads with round closing; the task board has its own short lock,
+so a poll never waits for a round to close.
 """
 
 from __future__ import annotations
@@ -12,59 +18,46 @@ import dataclasses
 import hashlib
 import io
 import logging
-import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from coordinator import rounds as rules
+from coordinator.admission import check_federation
+from coordinator.aggregation import RoundUpdates, clip_bound
+from coordinator.auth import Auth
+from coordinator.broadcast import RESIDUAL_PREFIX, make_broadcast, round_for_broadcast
 from coordinator.errors import (
     BadRequest,
+    FederationFailed,
     Forbidden,
     NotFound,
     PayloadTooLarge,
     StaleUpdate,
-    Unauthorized,
 )
 from coordinator.evaluation import Evaluator
 from coordinator.exports import ExportCache
-from coordinator.protocol import (
-    EnrollRequest,
-    FederationCreate,
-    FederationStatus,
-    Task,
-    UpdateReport,
-)
+from coordinator.isolation import Backoff
+from coordinator.protocol import FederationCreate, FederationStatus, Task, UpdateReport
+from coordinator.round_metrics import round_metrics
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow
-from coordinator.strategies import RoundContext, RoundResult, Strategy, Weights, build_strategy
+from coordinator.strategies import RoundContext, Strategy, Weights, build_strategy
 from coordinator.strategies.base import AUX_PREFIX
-from sparse_kernels import (
-    SMALL_TENSOR,
-    CodecError,
-    DeltaMeta,
-    ErrorFeedback,
-    ModelDelta,
-    SparseAccumulator,
-    SparseTensor,
-    decode,
-    encode,
-)
-from sparse_kernels.patch import apply_delta, encode_model
-from sparse_kernels.reshape import apply_reshape, encode_reshape
+from coordinator.tasks import OpenRound, TaskBoard
+from sparse_kernels import CodecError, ModelDelta, decode
+from sparse_kernels.patch import encode_model
 
-__all__ = ["CoordinatorService", "hash_token"]
+__all__ = ["CoordinatorService"]
 
 log = logging.getLogger("fedslim.coordinator")
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+MAX_MODEL_BLOB = 1 << 34  # stored full models: written by us, read back without a smaller cap
+_ACTIVE = ("running", "paused")
 
 
 @dataclass
@@ -76,24 +69,25 @@ class _Live:
     version: int
     weights: Weights
     state: dict[str, np.ndarray]  # strategy arrays + the server's broadcast residual
-    accumulator: SparseAccumulator | None = None
-    squares: SparseAccumulator | None = None  # of squared deltas, when the strategy wants them
-    accumulator_key: tuple[int, int] | None = None  # (round, attempt) it holds
-    bytes_up: int = 0
-    round_started: float = field(default_factory=time.time)
+    members: set[str]  # agents ever selected: the only ones that may read its models
+    updates: RoundUpdates | None = None  # the open attempt's accepted updates
+    round_started: float = dataclasses.field(default_factory=time.time)
 
 
 class CoordinatorService:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.store = Store(settings.db_url, settings.blob_dir)
+        self.auth = Auth(settings, self.store)
+        self.board = TaskBoard()
         self.lock = threading.RLock()
-        self.round_opened = threading.Condition(self.lock)
         self.evaluator = Evaluator(torch_threads=settings.torch_threads)
         self.exports = ExportCache(settings.data_dir / "exports", self.evaluator, threads=settings.torch_threads)
+        self.backoff = Backoff()
         self._live: dict[str, _Live] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.last_tick = time.time()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -102,8 +96,7 @@ class CoordinatorService:
 
     def stop(self) -> None:
         self._stop.set()
-        with self.round_opened:
-            self.round_opened.notify_all()
+        self.board.close()
         if self._thread:
             self._thread.join(timeout=30)
         self.store.close()
@@ -112,60 +105,29 @@ class CoordinatorService:
         while not self._stop.wait(self.settings.tick_s):
             try:
                 self.tick()
-            except Exception:  # keep scheduling; the failure is in the log
+            except Exception:  # listing federations failed (database down): next tick
                 log.exception("scheduler tick failed")
 
-    # ------------------------------------------------------------------ auth
-    def check_admin(self, token: str | None) -> None:
-        if not token:
-            raise Unauthorized("missing bearer token")
-        if secrets.compare_digest(token, self.settings.admin_token.get_secret_value()):
-            return
-        with self.store.tx() as conn:
-            if self.store.agent_by_token_hash(conn, hash_token(token)):
-                raise Forbidden("agent tokens cannot use admin endpoints")
-        raise Unauthorized("invalid token")
-
-    def authenticate_agent(self, token: str | None) -> AgentRow:
-        if not token:
-            raise Unauthorized("missing bearer token")
-        with self.store.tx() as conn:
-            agent = self.store.agent_by_token_hash(conn, hash_token(token))
-            if agent is None:
-                if secrets.compare_digest(token, self.settings.admin_token.get_secret_value()):
-                    raise Forbidden("the admin token is not an agent token")
-                raise Unauthorized("invalid agent token")
-            self.store.touch_agent(conn, agent.id, time.time())
-        return agent
-
-    def enroll(self, req: EnrollRequest) -> tuple[str, str]:
-        if not secrets.compare_digest(req.enrollment_token, self.settings.enrollment_token.get_secret_value()):
-            raise Unauthorized("invalid enrollment token")
-        agent_id, token = uuid.uuid4().hex[:16], secrets.token_urlsafe(32)
+    def health(self) -> dict[str, Any]:
+        """In-memory only: answers while the database or a round close is slow."""
         now = time.time()
-        info = {"memory_budget_bytes": req.memory_budget_bytes, "platform": req.platform}
-        with self.store.tx() as conn:
-            self.store.add_agent(conn, AgentRow(agent_id, req.name, hash_token(token), now, now, info))
-        return agent_id, token
-
-    def agent_status(self, agent: AgentRow) -> str:
-        return "online" if time.time() - agent.last_seen <= self.settings.agent_timeout_s else "offline"
-
-    def list_agents(self) -> list[AgentRow]:
-        with self.store.tx() as conn:
-            return self.store.list_agents(conn)
+        failing = self.backoff.snapshot(now)
+        stalled = now - self.last_tick > max(30.0, 50 * self.settings.tick_s)
+        return {"status": "stalled" if stalled else "degraded" if failing else "ok",
+                "scheduler_last_tick_s": round(now - self.last_tick, 3), "failing_federations": failing}
 
     # ------------------------------------------------------------------ federations
     def create_federation(self, config: FederationCreate) -> FederationRow:
-        strategy = build_strategy(config.strategy.name, config.strategy.params)  # validate early
         try:
-            self.evaluator.model_for(config)  # unknown model → clear error now
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            strategy = build_strategy(config.strategy.name, config.strategy.params)
+            check_federation(config, self.settings)  # model size, eval memory: before allocating
+            self.evaluator.test_data(config)  # the data must load now, not at round 1's close
+            weights = self.evaluator.initial_weights(config)
+            ctx = self._context(config, 0, 0)
+            weights = round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
+        except (ValueError, TypeError, OSError, KeyError) as exc:
+            raise BadRequest(f"federation config refused: {exc}") from None
         fid = uuid.uuid4().hex[:12]
-        weights = self.evaluator.initial_weights(config)
-        ctx = self._context(config, 0, 0)
-        weights = _round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
         blob = self.store.blobs.put(encode_model(fid, 0, weights))
         row = FederationRow(fid, config.model_dump(mode="json"), FederationStatus.created.value, 0, 0, time.time())
         with self.store.tx() as conn:
@@ -189,7 +151,7 @@ class CoordinatorService:
             "start": ({"created"}, "running"),
             "pause": ({"running"}, "paused"),
             "resume": ({"paused"}, "running"),
-            "stop": ({"created", "running", "paused"}, "stopped"),
+            "stop": ({"created", "running", "paused", "failed"}, "stopped"),
         }
         if action not in allowed:
             raise NotFound(f"unknown action {action!r}")
@@ -201,8 +163,8 @@ class CoordinatorService:
             if row.status not in sources:
                 raise StaleUpdate(f"cannot {action} a federation that is {row.status}")
             self.store.update_federation(conn, fid, status=target)
-        with self.round_opened:
-            self.round_opened.notify_all()
+        if target == "stopped":
+            self.board.withdraw(fid)
         return self.get_federation(fid)
 
     def round_metrics(self, fid: str) -> list[dict[str, Any]]:
@@ -210,21 +172,49 @@ class CoordinatorService:
         with self.store.tx() as conn:
             return [r.metrics for r in self.store.list_rounds(conn, fid) if r.metrics]
 
+    # ------------------------------------------------------------------ agents
+    def list_agents(self) -> list[AgentRow]:
+        with self.store.tx() as conn:
+            return self.store.list_agents(conn)
+
+    def agent_status(self, agent: AgentRow) -> str:
+        if agent.revoked_at is not None:
+            return "revoked"
+        return "online" if time.time() - agent.last_seen <= self.settings.agent_timeout_s else "offline"
+
+    def revoke_agent(self, agent_id: str) -> AgentRow:
+        agent = self.auth.revoke(agent_id)
+        if agent is None:
+            raise NotFound(f"agent {agent_id} not found")
+        return agent
+
     # ------------------------------------------------------------------ models
+    def check_reader(self, token: str | None, fid: str) -> None:
+        """The admin reads every federation; an agent only those it was selected for."""
+        if self.auth.is_admin(token):
+            return
+        agent = self.auth.agent(token)
+        fed = self.get_federation(fid)
+        with self.lock:
+            members = self._load(fed).members
+        if agent.id not in members:
+            raise Forbidden(f"agent {agent.id} takes no part in federation {fid}")
+
     def model_bytes(self, fid: str, version: int | None, *, patch: bool = False,
                     reshape: bool = False) -> tuple[int, bytes, bool]:
         """Full model (codec kind=model), the patch from version-1, or the reshape (JSON)
         into `version`; counts the bytes. The flag says whether `version` has a reshape."""
         row = self.get_federation(fid)
         version = row.model_version if version is None else version
-        with self.lock, self.store.tx() as conn:  # the lock serialises the byte counter
+        with self.store.tx() as conn:
             m = self.store.get_model(conn, fid, version)
-            if m is None:
-                raise NotFound(f"model version {version} of federation {fid} not found")
-            digest = m["reshape_blob"] if reshape else m["patch_blob"] if patch else m["blob"]
-            if digest is None:
-                raise NotFound(f"no {'reshape' if reshape else 'patch'} into version {version}")
-            data = self.store.blobs.get(digest)
+        if m is None:
+            raise NotFound(f"model version {version} of federation {fid} not found")
+        digest = m["reshape_blob"] if reshape else m["patch_blob"] if patch else m["blob"]
+        if digest is None:
+            raise NotFound(f"no {'reshape' if reshape else 'patch'} into version {version}")
+        data = self.store.blobs.get(digest)
+        with self.store.tx() as conn:
             self.store.add_download_bytes(conn, fid, row.current_round + 1, len(data))
         return version, data, m["reshape_blob"] is not None
 
@@ -237,62 +227,62 @@ class CoordinatorService:
         return self.exports.get(fid, version, cfg, weights)
 
     # ------------------------------------------------------------------ tasks
-    def next_task(self, agent: AgentRow, wait_s: float) -> Task | None:
-        """Long poll: a train task for `agent`, or None after `wait_s` seconds."""
-        deadline = time.monotonic() + max(0.0, min(wait_s, self.settings.long_poll_s))
-        with self.round_opened:
-            while True:
-                task = self._find_task(agent)
-                if task or self._stop.is_set():
-                    return task
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self.round_opened.wait(timeout=min(remaining, 1.0))
+    async def next_task(self, agent: AgentRow, wait_s: float) -> bytes | None:
+        """Long poll: a train task (JSON) for `agent`, or None after `wait_s` seconds."""
+        return await self.board.wait_for(agent.id, max(0.0, min(wait_s, self.settings.long_poll_s)))
 
-    def _find_task(self, agent: AgentRow) -> Task | None:
+    def _task_json(self, fed: FederationRow, live: _Live, row: RoundRow) -> bytes:
+        cfg = live.config
         with self.store.tx() as conn:
-            for fed in self.store.list_federations(conn):
-                if fed.status not in ("running", "paused"):
-                    continue
-                rnd = self.store.get_round(conn, fed.id, fed.current_round + 1)
-                if rnd is None or rnd.status != "open" or agent.id not in rnd.selected:
-                    continue
-                if rnd.deadline <= time.time():  # its upload would be refused: not worth a download
-                    continue
-                done = self.store.get_update(conn, fed.id, rnd.round, agent.id)
-                if done and done.attempt == rnd.attempt:
-                    continue
-                live = self._load(fed)
-                cfg = live.config
-                base = self.store.get_model(conn, fed.id, rnd.base_version)
-                return Task(
-                    federation_id=fed.id, round=rnd.round, model=cfg.model, in_channels=cfg.in_channels,
-                    num_classes=cfg.num_classes, image_size=cfg.image_size, model_version=rnd.base_version,
-                    training=cfg.training,
-                    strategy=cfg.strategy.model_copy(update={
-                        "params": {**cfg.strategy.params, **live.strategy.task_params(rnd.round, live.weights, live.state)}
-                    }),
-                    deadline=rnd.deadline, memory_budget_mb=cfg.memory_budget_mb,
-                    model_sha256=base["blob"] if base else "", seed=cfg.seed,
-                    download_values=cfg.download_values,
-                )
-        return None
+            base = self.store.get_model(conn, fed.id, row.base_version)
+        task = Task(
+            federation_id=fed.id, round=row.round, model=cfg.model, in_channels=cfg.in_channels,
+            num_classes=cfg.num_classes, image_size=cfg.image_size, model_version=row.base_version,
+            training=cfg.training,
+            strategy=cfg.strategy.model_copy(update={
+                "params": {**cfg.strategy.params, **live.strategy.task_params(row.round, live.weights, live.state)}
+            }),
+            deadline=row.deadline, memory_budget_mb=cfg.memory_budget_mb,
+            model_sha256=base["blob"] if base else "", seed=cfg.seed, download_values=cfg.download_values,
+        )
+        return task.model_dump_json().encode()
 
     # ------------------------------------------------------------------ uploads
+    def check_upload(self, agent: AgentRow, fid: str, rnd: int) -> None:
+        """What can be refused before the body is read: rate, federation, round, selection.
+        An agent that already uploaded to this round passes (its retry is answered after
+        the body, as a duplicate or a conflict)."""
+        self.auth.check_upload_rate(agent)
+        entry = self.board.current(fid)
+        if entry is not None and entry.round == rnd and agent.id in entry.selected:
+            return
+        fed = self.get_federation(fid)
+        with self.store.tx() as conn:
+            row = self.store.get_round(conn, fid, rnd)
+            previous = self.store.get_update(conn, fid, rnd, agent.id)
+        if previous is not None:
+            return
+        if row is None or row.round != fed.current_round + 1 or row.status != "open":
+            raise StaleUpdate(f"round {rnd} of federation {fid} is not open (current round {fed.current_round + 1})")
+        if agent.id not in row.selected:
+            raise StaleUpdate(f"agent {agent.id} was not selected for round {rnd}")
+
     def submit_update(self, agent: AgentRow, fid: str, rnd: int, body: bytes, report: UpdateReport) -> tuple[bool, bool]:
-        """Validate and fold one update. Returns (accepted, duplicate). Raises a domain
-        error, leaving the round and the global model untouched, when anything is wrong."""
+        """Validate, store durably, fold once. Returns (accepted, duplicate). Raises a
+        domain error, leaving the round and the global model untouched, when anything is
+        wrong (storage errors propagate before anything is folded)."""
         if len(body) > self.settings.max_upload_bytes:
             raise PayloadTooLarge(f"update of {len(body)} bytes exceeds {self.settings.max_upload_bytes}")
+        digest = hashlib.sha256(body).hexdigest()
         with self.lock:
             fed = self.get_federation(fid)
             with self.store.tx() as conn:
                 row = self.store.get_round(conn, fid, rnd)
                 previous = self.store.get_update(conn, fid, rnd, agent.id)
-            digest = hashlib.sha256(body).hexdigest()
             if previous is not None and previous.blob == digest and (row is None or previous.attempt == row.attempt):
                 return True, True  # an idempotent retry: counted once
+            if fed.status not in _ACTIVE:
+                raise StaleUpdate(f"federation {fid} is {fed.status}")
             if row is None or row.round != fed.current_round + 1 or row.status != "open":
                 raise StaleUpdate(f"round {rnd} of federation {fid} is not open (current round {fed.current_round + 1})")
             if agent.id not in row.selected:
@@ -302,7 +292,12 @@ class CoordinatorService:
             if time.time() > row.deadline:
                 raise StaleUpdate(f"round {rnd} deadline passed")
             live = self._load(fed)
-            delta = self._validate(live, fid, row, body)
+            updates = self._updates(fid, live, row)
+            delta = self._validate(live, fid, row, body, updates)
+            if digest in updates.digests and any(t.values.size for t in delta.tensors):
+                # updates are bound to their uploader: a copy of another agent's counts never
+                # (empty deltas are exempt: two idle agents may honestly send the same bytes)
+                raise StaleUpdate(f"this update was already uploaded by agent {updates.digests[digest]}")
             self.store.blobs.put(body)
             with self.store.tx() as conn:
                 if previous is not None:  # an upload from an earlier attempt of this round
@@ -310,85 +305,126 @@ class CoordinatorService:
                 self.store.add_update(conn, fid, rnd, UpdateRow(
                     agent.id, row.attempt, report.num_samples, len(body), digest, report.model_dump(),
                 ))
-            self._accumulator(fid, live, row)  # (re)built for this attempt
-            self._fold(live, delta, float(report.num_samples))
-            live.bytes_up += len(body)
+            updates.add(agent.id, delta, report.num_samples, digest=digest, nbytes=len(body))
+            self.board.mark_done(fid, rnd, row.attempt, agent.id)
         return True, False
 
-    def _validate(self, live: _Live, fid: str, row: RoundRow, body: bytes) -> ModelDelta:
-        shapes = _upload_shapes(live, row.round)
+    def _validate(self, live: _Live, fid: str, row: RoundRow, body: bytes, updates: RoundUpdates) -> ModelDelta:
         try:
-            delta = decode(body, expected=shapes, max_bytes=self.settings.max_upload_bytes)
+            delta = decode(body, expected=updates.shapes, max_bytes=self.settings.max_upload_bytes)
         except CodecError as exc:
             raise BadRequest(f"malformed update: {exc}") from None
         meta = delta.meta
-        if meta.federation_id != fid or meta.round != row.round or meta.base_version != row.base_version:
+        if meta.kind != "delta" or meta.federation_id != fid or meta.round != row.round \
+                or meta.base_version != row.base_version:
             raise StaleUpdate(
-                f"update is for federation {meta.federation_id!r} round {meta.round} base {meta.base_version}; "
-                f"expected {fid!r} round {row.round} base {row.base_version}"
+                f"update is a {meta.kind!r} for federation {meta.federation_id!r} round {meta.round} base "
+                f"{meta.base_version}; expected a delta for {fid!r} round {row.round} base {row.base_version}"
             )
         bound = live.config.max_update_norm
         if bound:
-            norm = float(np.sqrt(sum(float(np.dot(t.values, t.values)) for t in delta.tensors
-                                     if not t.name.startswith(AUX_PREFIX))))
+            norm = float(np.sqrt(sum(float(np.dot(t.values.astype(np.float64), t.values.astype(np.float64)))
+                                     for t in delta.tensors if not t.name.startswith(AUX_PREFIX))))
             if norm > bound:
                 raise BadRequest(f"update norm {norm:.3g} exceeds the bound {bound:.3g}")
         return delta
 
-    def _accumulator(self, fid: str, live: _Live, row: RoundRow) -> SparseAccumulator:
+    def _updates(self, fid: str, live: _Live, row: RoundRow) -> RoundUpdates:
+        """The attempt's accepted updates, rebuilt from the store when the process has not
+        seen this attempt (a restart): each stored update folded exactly once."""
         key = (row.round, row.attempt)
-        if live.accumulator is None or live.accumulator_key != key:
-            live.accumulator = SparseAccumulator(_upload_shapes(live, row.round))
-            shapes = {k: v.shape for k, v in live.weights.items()}
-            live.squares = SparseAccumulator(shapes) if live.strategy.wants_second_moment else None
-            live.accumulator_key = key
-            live.bytes_up = 0
-            # after a restart: refold what was durably accepted in this attempt
+        if live.updates is None or live.updates.key != key:
+            cfg = live.config
+            updates = RoundUpdates(key, _upload_shapes(live, row.round), cfg.aggregation,
+                                   clip_bound(cfg.aggregation, live.weights),
+                                   wants_squares=live.strategy.wants_second_moment)
             with self.store.tx() as conn:
-                for u in self.store.list_updates(conn, fid, row.round, row.attempt):
-                    self._fold(live, decode(self.store.blobs.get(u.blob)), float(u.num_samples))
-                    live.bytes_up += u.bytes
-        return live.accumulator
-
-    @staticmethod
-    def _fold(live: _Live, delta: ModelDelta, weight: float) -> None:
-        assert live.accumulator is not None
-        live.accumulator.fold(delta, weight)
-        if live.squares is not None:
-            squared = tuple(SparseTensor(t.name, t.shape, t.indices, t.values * t.values) for t in delta.tensors
-                            if not t.name.startswith(AUX_PREFIX))
-            live.squares.fold(ModelDelta(delta.meta, squared), weight)
+                stored = self.store.list_updates(conn, fid, row.round, row.attempt)
+            for u in stored:
+                delta = decode(self.store.blobs.get(u.blob), expected=updates.shapes,
+                               max_bytes=max(self.settings.max_upload_bytes, u.bytes))
+                updates.add(u.agent_id, delta, u.num_samples, digest=u.blob, nbytes=u.bytes)
+            live.updates = updates
+        return live.updates
 
     # ------------------------------------------------------------------ scheduling
     def tick(self, now: float | None = None) -> None:
+        """One pass over the federations; each in isolation (a failure backs it off and,
+        if it persists, fails it alone)."""
         now = time.time() if now is None else now
+        self.last_tick = time.time()
+        active: set[str] = set()
+        for fed in self.list_federations():
+            if fed.status not in _ACTIVE:
+                continue
+            active.add(fed.id)
+            if not self.backoff.ready(fed.id, now):
+                continue
+            try:
+                with self.lock:
+                    self._tick_one(fed, now)
+                if fed.error is not None:
+                    with self.store.tx() as conn:
+                        self.store.update_federation(conn, fed.id, error=None)
+                self.backoff.clear(fed.id)
+            except Exception as exc:
+                self._record_failure(fed, exc, now)
+        self.board.keep_only(active)
+
+    def _record_failure(self, fed: FederationRow, exc: Exception, now: float) -> None:
+        verdict = self.backoff.record(fed.id, exc, now)
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        log.error("federation %s: %s (%s)", fed.id, reason, verdict, exc_info=verdict == "fail")
         with self.lock:
-            for fed in self.list_federations():
-                if fed.status not in ("running", "paused"):
-                    continue
-                with self.store.tx() as conn:
-                    rnd = self.store.get_round(conn, fed.id, fed.current_round + 1)
-                if rnd is None or rnd.status == "closed":
-                    if fed.status == "running":
-                        self._maybe_open(fed, now, attempt=1)
-                    continue
-                with self.store.tx() as conn:
-                    received = len(self.store.list_updates(conn, fed.id, rnd.round, rnd.attempt))
-                live = self._load(fed)
-                decision = rules.round_decision(
-                    received=received, selected=len(rnd.selected), min_clients=live.config.min_clients,
-                    deadline=rnd.deadline, now=now,
-                )
-                if decision == "close":
-                    self._close_round(fed, live, rnd, now)
-                elif decision == "retry" and fed.status == "running":
-                    self._maybe_open(fed, now, attempt=rnd.attempt + 1)
+            self._live.pop(fed.id, None)  # rebuilt from durable state on the next try
+        self.board.withdraw(fed.id)
+        try:
+            with self.store.tx() as conn:
+                if verdict == "fail":
+                    self.store.update_federation(conn, fed.id, status=FederationStatus.failed.value, error=reason)
+                else:
+                    self.store.update_federation(conn, fed.id, error=f"retrying: {reason}")
+            if verdict == "fail":
+                self.backoff.clear(fed.id)
+        except Exception:  # the database itself is down: the back-off carries the state
+            log.exception("federation %s: could not record the failure", fed.id)
+
+    def _tick_one(self, fed: FederationRow, now: float) -> None:
+        with self.store.tx() as conn:
+            rnd = self.store.get_round(conn, fed.id, fed.current_round + 1)
+        if rnd is None or rnd.status == "closed":
+            self.board.withdraw(fed.id)
+            if fed.status == "running":
+                self._maybe_open(fed, now, attempt=1)
+            return
+        live = self._load(fed)
+        updates = self._updates(fed.id, live, rnd)
+        decision = rules.round_decision(
+            received=updates.count, selected=len(rnd.selected), min_clients=live.config.min_clients,
+            deadline=rnd.deadline, now=now,
+        )
+        if decision == "close":
+            self.board.withdraw(fed.id)
+            self._close_round(fed, live, rnd, updates, now)
+        elif decision == "retry" and fed.status == "running":
+            self._maybe_open(fed, now, attempt=rnd.attempt + 1)
+        else:
+            self._publish(fed, live, rnd)
+
+    def _publish(self, fed: FederationRow, live: _Live, row: RoundRow) -> None:
+        entry = self.board.current(fed.id)
+        if entry is not None and (entry.round, entry.attempt) == (row.round, row.attempt):
+            return
+        done = set(live.updates.folded) if live.updates and live.updates.key == (row.round, row.attempt) else set()
+        self.board.publish(OpenRound(fed.id, row.round, row.attempt, frozenset(row.selected), row.deadline,
+                                     self._task_json(fed, live, row), done))
 
     def _maybe_open(self, fed: FederationRow, now: float, attempt: int) -> None:
         live = self._load(fed)
         cfg = live.config
         with self.store.tx() as conn:
-            candidates = [a.id for a in self.store.list_agents(conn) if now - a.last_seen <= self.settings.agent_timeout_s]
+            candidates = [a.id for a in self.store.list_agents(conn)
+                          if now - a.last_seen <= self.settings.agent_timeout_s and a.revoked_at is None]
         selected = rules.select_clients(
             candidates, cfg.clients_per_round, cfg.min_clients, seed=cfg.seed, rnd=fed.current_round + 1, attempt=attempt,
         )
@@ -398,47 +434,38 @@ class CoordinatorService:
                        now, now + cfg.round_deadline_s, None, None)
         with self.store.tx() as conn:
             self.store.put_round(conn, row)
+        live.members.update(selected)
         live.round_started = now if attempt == 1 else live.round_started
         log.info("federation %s: round %d opened (attempt %d) with %d agents", fed.id, row.round, attempt, len(selected))
-        self.round_opened.notify_all()
+        self._publish(fed, live, row)
 
-    def _close_round(self, fed: FederationRow, live: _Live, row: RoundRow, now: float) -> None:
+    def _close_round(self, fed: FederationRow, live: _Live, row: RoundRow, updates: RoundUpdates, now: float) -> None:
         cfg = live.config
-        acc = self._accumulator(fed.id, live, row)
         with self.store.tx() as conn:
             ups = self.store.list_updates(conn, fed.id, row.round, row.attempt)
-        ctx = self._context(cfg, row.round, len(ups))
-        if live.squares is not None:
-            ctx = dataclasses.replace(ctx, mean_sq_delta=live.squares.mean(fill=live.strategy.fill))
-        mean = acc.mean(fill=live.strategy.fill)
-        aux = {k: mean.pop(k) for k in [k for k in mean if k.startswith(AUX_PREFIX)]}
-        ctx = dataclasses.replace(ctx, aux=aux)
-        strategy_state = {k: v for k, v in live.state.items() if not k.startswith("residual/")}
+        mean, aux, squares = updates.reduce(live.strategy.fill)
+        ctx = dataclasses.replace(self._context(cfg, row.round, len(ups)), mean_sq_delta=squares, aux=aux)
+        strategy_state = {k: v for k, v in live.state.items() if not k.startswith(RESIDUAL_PREFIX)}
         result = live.strategy.aggregate(ctx, live.weights, mean, strategy_state)
+        bad = [k for k, v in result.weights.items() if not np.isfinite(v).all()]
+        if bad:
+            raise FederationFailed(f"round {row.round}: the aggregate is not finite in {', '.join(bad[:3])}")
         version = fed.model_version + 1
-        new_weights, patch, reshape, residual = self._broadcast(fed.id, live, result, version)
-        state = {**result.state, **residual}
-        evaluation = self.evaluator.evaluate(cfg, new_weights)
+        cast = make_broadcast(fed.id, version, live.weights, live.state, result,
+                              density=cfg.download_density, values=cfg.download_values)
+        state = {**result.state, **cast.residual}
+        evaluation = self.evaluator.evaluate(cfg, cast.weights)
         with self.store.tx() as conn:
             bytes_down = self.store.download_bytes(conn, fed.id, row.round)
-        reports = [u.report for u in ups]
-        metrics: dict[str, Any] = {
-            "round": row.round, "accuracy": evaluation.accuracy, "loss": evaluation.loss,
-            "participants": len(ups), "stragglers": len(row.selected) - len(ups),
-            "bytes_up": sum(u.bytes for u in ups), "bytes_down": bytes_down,
-            "seconds": round(now - live.round_started, 3), "attempts": row.attempt,
-            "params": int(sum(v.size for k, v in new_weights.items() if not _is_bn_stat(k))),
-            "density": _weight_density(new_weights),  # strategies with masks report their own
-            "macs": self.evaluator.macs(cfg, new_weights),
-            "train_loss": float(np.average([r["train_loss"] for r in reports], weights=[u.num_samples for u in ups])) if ups else None,
-            "agent_peak_mb": max((r.get("peak_memory_bytes", 0) for r in reports), default=0) / 2**20,
-            "agent_planned_mb": max((r.get("planned_memory_bytes", 0) for r in reports), default=0) / 2**20,
-            "agent_budget_mb": cfg.memory_budget_mb,
-            **result.metrics,
-        }
-        full_blob = self.store.blobs.put(encode_model(fed.id, version, new_weights))
-        patch_blob = self.store.blobs.put(patch) if patch is not None else None
-        reshape_blob = self.store.blobs.put(reshape) if reshape is not None else None
+        metrics = round_metrics(
+            rnd=row.round, attempt=row.attempt, selected=len(row.selected), updates=ups, weights=cast.weights,
+            accuracy=evaluation.accuracy, loss=evaluation.loss, macs=self.evaluator.macs(cfg, cast.weights),
+            bytes_down=bytes_down, seconds=now - live.round_started, budget_mb=cfg.memory_budget_mb,
+            clipped=updates.clipped, rule=cfg.aggregation.rule, strategy_metrics=result.metrics,
+        )
+        full_blob = self.store.blobs.put(encode_model(fed.id, version, cast.weights))
+        patch_blob = self.store.blobs.put(cast.patch) if cast.patch is not None else None
+        reshape_blob = self.store.blobs.put(cast.reshape) if cast.reshape is not None else None
         state_blob = self.store.blobs.put(_npz(state)) if state else None
         done = row.round >= cfg.rounds + live.strategy.setup_rounds(live.weights)
         with self.store.tx() as conn:  # one transaction: round closed + new model + federation
@@ -447,40 +474,10 @@ class CoordinatorService:
                                                 row.selected, row.opened_at, row.deadline, now, metrics))
             self.store.update_federation(conn, fed.id, current_round=row.round, model_version=version,
                                          status="completed" if done else fed.status)
-        live.version, live.weights, live.state = version, new_weights, state
-        live.accumulator, live.squares, live.accumulator_key = None, None, None
+        live.version, live.weights, live.state, live.updates = version, cast.weights, state, None
         live.round_started = time.time()
         log.info("federation %s: round %d closed: accuracy %.4f, %d participants",
                  fed.id, row.round, evaluation.accuracy, len(ups))
-
-    def _broadcast(self, fid: str, live: _Live, result: RoundResult,
-                   version: int) -> tuple[Weights, bytes | None, bytes | None, dict[str, np.ndarray]]:
-        """Turn the strategy's target weights into what agents will hold: the old weights
-        (sliced to the new structure when channels were pruned) plus a (possibly sparse,
-        quantised) patch, the rest kept in a server residual."""
-        cfg, target = live.config, result.weights
-        residual_before = {k.removeprefix("residual/"): v for k, v in live.state.items() if k.startswith("residual/")}
-        base, reshape_bytes = live.weights, None
-        if result.structure_changed:
-            if result.reshape is None:  # structure unknown: a full download (fp16 when lossy anyway)
-                return _round_for_broadcast(target, cfg.download_values), None, None, {}
-            base = apply_reshape(live.weights, result.reshape)
-            residual_before = apply_reshape(residual_before, result.reshape)
-            reshape_bytes = encode_reshape(result.reshape)
-        feedback = ErrorFeedback()
-        feedback.load_state_dict(residual_before)
-        change = {k: target[k] - base[k] for k in target}
-        meta = DeltaMeta(federation_id=fid, round=version, base_version=version - 1, num_samples=0, kind="delta")
-        if cfg.download_density >= 1.0 and cfg.download_values == "fp32":
-            delta = ModelDelta(meta, tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in change.items()))
-        else:
-            delta = feedback.compress(change, density=cfg.download_density, meta=meta, values=cfg.download_values,
-                                      min_dense_numel=SMALL_TENSOR)
-        patch = encode(delta, values=cfg.download_values)
-        new_weights = {k: v.copy() for k, v in base.items()}
-        apply_delta(new_weights, decode(patch))  # exactly what an agent will compute
-        residual = {f"residual/{k}": v for k, v in feedback.state_dict().items()}
-        return new_weights, patch, reshape_bytes, residual
 
     # ------------------------------------------------------------------ loading
     def _load(self, fed: FederationRow) -> _Live:
@@ -490,10 +487,13 @@ class CoordinatorService:
         config = FederationCreate.model_validate(fed.config)
         with self.store.tx() as conn:
             m = self.store.get_model(conn, fed.id, fed.model_version)
-        assert m is not None, f"federation {fed.id} has no model version {fed.model_version}"
-        weights = decode(self.store.blobs.get(m["blob"]), max_bytes=1 << 34).to_dense()
+            members = {a for r in self.store.list_rounds(conn, fed.id) for a in r.selected}
+        if m is None:
+            raise FederationFailed(f"federation {fed.id} has no model version {fed.model_version}")
+        weights = decode(self.store.blobs.get(m["blob"]), max_bytes=MAX_MODEL_BLOB).to_dense()
         state = _from_npz(self.store.blobs.get(m["state_blob"])) if m["state_blob"] else {}
-        live = _Live(config, build_strategy(config.strategy.name, config.strategy.params), fed.model_version, weights, state)
+        strategy = build_strategy(config.strategy.name, config.strategy.params)
+        live = _Live(config, strategy, fed.model_version, weights, state, members)
         self._live[fed.id] = live
         return live
 
@@ -511,23 +511,6 @@ def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:
     return {**{k: v.shape for k, v in live.weights.items()}, **aux}
 
 
-def _round_for_broadcast(weights: Weights, values: str) -> Weights:
-    """Full models travel as fp16 when the federation's broadcast is lossy anyway."""
-    if values == "fp32":
-        return weights
-    return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
-
-
-def _weight_density(weights: Weights) -> float:
-    """Nonzero fraction of the conv and linear weights (tensors with ≥ 2 dimensions)."""
-    mats = [v for v in weights.values() if v.ndim >= 2]
-    return sum(int(np.count_nonzero(v)) for v in mats) / max(sum(v.size for v in mats), 1)
-
-
-def _is_bn_stat(name: str) -> bool:
-    return name.endswith(("running_mean", "running_var"))
-
-
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k.replace("/", "|"): v for k, v in arrays.items()})  # type: ignore[arg-type]
@@ -537,4 +520,3 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
 def _from_npz(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k.replace("|", "/"): z[k] for k in z.files}
-

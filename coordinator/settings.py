@@ -34,6 +34,7 @@ class CoordinatorSettings(BaseSettings):
     # ---- limits on what the network can make the coordinator hold (issue 10)
     max_json_bytes: int = 64 << 10  # every JSON body and the report header
     max_model_params: int = 50_000_000  # refused at create: a model this big would not fit
+    max_eval_memory_bytes: int = 2 << 30  # server-side evaluation's activations, estimated at create
     max_agents: int = 100_000  # enrollment refuses beyond this many identities
     enroll_per_ip_per_minute: float = 30.0  # token bucket (burst = one minute's worth)
     uploads_per_agent_per_minute: float = 30.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,10 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
+    inspect,
     select,
+    text,
 )
 
 __all__ = ["AgentRow", "BlobStore", "FederationRow", "RoundRow", "Store", "UpdateRow"]
@@ -44,6 +48,7 @@ federations = Table(
     Column("current_round", Integer, nullable=False),  # rounds completed
     Column("model_version", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("error", Text),  # why it failed (status "failed") or why closing is backing off
 )
 agents = Table(
     "agents", metadata,
@@ -53,6 +58,7 @@ agents = Table(
     Column("enrolled_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("info", Text, nullable=False),
+    Column("revoked_at", Float),  # set: the token no longer authenticates
 )
 rounds = Table(
     "rounds", metadata,
@@ -105,6 +111,7 @@ class FederationRow:
     current_round: int
     model_version: int
     created_at: float
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class AgentRow:
     enrolled_at: float
     last_seen: float
     info: dict[str, Any]
+    revoked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,15 +157,21 @@ class BlobStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes) -> str:
+        """Write once; on any failure (disk full, I/O error) the temporary file is removed
+        and the OSError propagates, leaving nothing behind."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.root / digest
         if not path.exists():
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -175,6 +189,7 @@ class Store:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self.blobs = BlobStore(blob_dir)
 
     @contextmanager
@@ -213,6 +228,16 @@ class Store:
 
     def touch_agent(self, conn: Connection, agent_id: str, when: float) -> None:
         conn.execute(agents.update().where(agents.c.id == agent_id).values(last_seen=when))
+
+    def count_agents(self, conn: Connection) -> int:
+        return int(conn.execute(select(func.count()).select_from(agents)).scalar() or 0)
+
+    def get_agent(self, conn: Connection, agent_id: str) -> AgentRow | None:
+        r = conn.execute(select(agents).where(agents.c.id == agent_id)).mappings().first()
+        return _agent(r) if r else None
+
+    def revoke_agent(self, conn: Connection, agent_id: str, when: float) -> None:
+        conn.execute(agents.update().where(agents.c.id == agent_id).values(revoked_at=when))
 
     # ---------------------------------------------------------------- rounds
     def put_round(self, conn: Connection, row: RoundRow) -> None:
@@ -281,6 +306,19 @@ class Store:
         return int(conn.execute(select(downloads.c.bytes).where(key)).scalar() or 0)
 
 
+def _add_missing_columns(engine: Any) -> None:
+    """Columns added after a table was first created (a coordinator upgraded in place):
+    ALTER TABLE ADD COLUMN for each nullable column the database lacks."""
+    names = inspect(engine)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in names.get_columns(table.name)}
+        for col in table.columns:
+            if col.name not in have and col.nullable:
+                with engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
+                                      f"{col.type.compile(engine.dialect)}"))
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -291,11 +329,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _federation(r: Any) -> FederationRow:
     return FederationRow(r["id"], json.loads(r["config"]), r["status"], r["current_round"],
-                         r["model_version"], r["created_at"])
+                         r["model_version"], r["created_at"], r["error"])
 
 
 def _agent(r: Any) -> AgentRow:
-    return AgentRow(r["id"], r["name"], r["token_hash"], r["enrolled_at"], r["last_seen"], json.loads(r["info"]))
+    return AgentRow(r["id"], r["name"], r["token_hash"], r["enrolled_at"], r["last_seen"], json.loads(r["info"]),
+                    r["revoked_at"])
 
 
 def _round(r: Any) -> RoundRow:

@@ -1,0 +1,53 @@
+"""What a federation config may ask of this coordinator, checked at create (before any
+weights or data are allocated), so nothing refused later can wedge a round close."""
+
+from __future__ import annotations
+
+from coordinator.protocol import FederationCreate
+from coordinator.settings import CoordinatorSettings
+
+__all__ = ["EVAL_BATCH", "check_federation", "model_footprint"]
+
+EVAL_BATCH = 1000  # models.training.evaluate's batch: server-side evaluation memory scales with it
+_LIVE_OUTPUTS = 3  # a layer's input, its output and one temporary are alive at once
+
+
+def model_footprint(cfg: FederationCreate) -> tuple[int, int]:
+    """(parameters, largest layer output per sample in elements), on torch's meta device:
+    shapes only, no memory, however big the model would be."""
+    import torch
+
+    from models.zoo import build_model, default_image_size
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                            image_size=cfg.image_size)
+        params = sum(p.numel() for p in model.parameters())
+        if params > 10**10:  # not even worth a shape pass
+            return params, 0
+        largest = [0]
+
+        def hook(_m: object, _i: object, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                largest[0] = max(largest[0], out[0].numel())
+
+        handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+        size = cfg.image_size or default_image_size(cfg.in_channels)
+        with torch.no_grad():
+            model.eval()(torch.empty(1, cfg.in_channels, size, size))
+        for h in handles:
+            h.remove()
+    return params, largest[0]
+
+
+def check_federation(cfg: FederationCreate, settings: CoordinatorSettings) -> None:
+    """Raise ValueError with the reason when `cfg` asks for more than the caps allow."""
+    params, per_sample = model_footprint(cfg)
+    if params > settings.max_model_params:
+        raise ValueError(f"model {cfg.model!r} at image size {cfg.image_size} has {params:,} parameters; "
+                         f"this coordinator accepts at most {settings.max_model_params:,} (max_model_params)")
+    eval_bytes = _LIVE_OUTPUTS * per_sample * EVAL_BATCH * 4
+    if eval_bytes > settings.max_eval_memory_bytes:
+        raise ValueError(f"evaluating {cfg.model!r} at image size {cfg.image_size} would take about "
+                         f"{eval_bytes / 2**30:.1f} GiB; the cap is {settings.max_eval_memory_bytes / 2**30:.1f} GiB "
+                         "(max_eval_memory_bytes)")

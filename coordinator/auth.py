@@ -1,0 +1,114 @@
+"""Who may do what: the admin token, agent tokens (stored as sha256, cached in memory so
+a poll costs no database write), enrollment (rate-limited per IP, capped in number) and
+revocation."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+import uuid
+
+from coordinator.errors import Forbidden, TooManyRequests, Unauthorized
+from coordinator.protocol import EnrollRequest
+from coordinator.ratelimit import RateLimiter
+from coordinator.settings import CoordinatorSettings
+from coordinator.store import AgentRow, Store
+
+__all__ = ["Auth", "hash_token"]
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Auth:
+    def __init__(self, settings: CoordinatorSettings, store: Store) -> None:
+        self.settings, self.store = settings, store
+        self._admin = settings.admin_token.get_secret_value()
+        self._cache: dict[str, AgentRow] = {}  # token hash -> agent (revocation evicts)
+        self._lock = threading.Lock()
+        self.enroll_limit = RateLimiter(per_minute=settings.enroll_per_ip_per_minute)
+        self.upload_limit = RateLimiter(per_minute=settings.uploads_per_agent_per_minute)
+        # last_seen is written at most this often per agent (it only decides "online")
+        self._touch_every = max(1.0, settings.agent_timeout_s / 4)
+
+    def is_admin(self, token: str | None) -> bool:
+        return bool(token) and secrets.compare_digest(str(token), self._admin)
+
+    def check_admin(self, token: str | None) -> None:
+        if not token:
+            raise Unauthorized("missing bearer token")
+        if self.is_admin(token):
+            return
+        if self._lookup(token) is not None:
+            raise Forbidden("agent tokens cannot use admin endpoints")
+        raise Unauthorized("invalid token")
+
+    def agent(self, token: str | None) -> AgentRow:
+        if not token:
+            raise Unauthorized("missing bearer token")
+        agent = self._lookup(token)
+        if agent is None:
+            if self.is_admin(token):
+                raise Forbidden("the admin token is not an agent token")
+            raise Unauthorized("invalid agent token")
+        if agent.revoked_at is not None:
+            raise Unauthorized("agent token revoked")
+        now = time.time()
+        if now - agent.last_seen >= self._touch_every:
+            with self.store.tx() as conn:
+                self.store.touch_agent(conn, agent.id, now)
+            agent = AgentRow(agent.id, agent.name, agent.token_hash, agent.enrolled_at, now, agent.info,
+                             agent.revoked_at)
+            with self._lock:
+                self._cache[agent.token_hash] = agent
+        return agent
+
+    def _lookup(self, token: str) -> AgentRow | None:
+        if len(token) > 512:
+            return None
+        digest = hash_token(token)
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit is not None:
+            return hit
+        with self.store.tx() as conn:
+            agent = self.store.agent_by_token_hash(conn, digest)
+        if agent is not None:
+            with self._lock:
+                self._cache[digest] = agent
+        return agent
+
+    def enroll(self, req: EnrollRequest, client_ip: str) -> tuple[str, str]:
+        wait = self.enroll_limit.take(client_ip, time.monotonic())
+        if wait:
+            raise TooManyRequests(f"too many enrollments from {client_ip}; retry in {wait:.0f} s", retry_after=wait)
+        if not secrets.compare_digest(req.enrollment_token, self.settings.enrollment_token.get_secret_value()):
+            raise Unauthorized("invalid enrollment token")
+        agent_id, token = uuid.uuid4().hex[:16], secrets.token_urlsafe(32)
+        now = time.time()
+        info = {"memory_budget_bytes": req.memory_budget_bytes, "platform": req.platform, "ip": client_ip}
+        with self.store.tx() as conn:
+            if self.store.count_agents(conn) >= self.settings.max_agents:
+                raise Forbidden(f"the coordinator holds its maximum of {self.settings.max_agents} agents")
+            self.store.add_agent(conn, AgentRow(agent_id, req.name, hash_token(token), now, now, info))
+        return agent_id, token
+
+    def revoke(self, agent_id: str) -> AgentRow | None:
+        with self.store.tx() as conn:
+            agent = self.store.get_agent(conn, agent_id)
+            if agent is None:
+                return None
+            if agent.revoked_at is None:
+                self.store.revoke_agent(conn, agent_id, time.time())
+            agent = self.store.get_agent(conn, agent_id)
+        with self._lock:
+            self._cache = {k: a for k, a in self._cache.items() if a.id != agent_id}
+        return agent
+
+    def check_upload_rate(self, agent: AgentRow) -> None:
+        wait = self.upload_limit.take(agent.id, time.monotonic())
+        if wait:
+            raise TooManyRequests(f"agent {agent.id} uploads too often; retry in {wait:.0f} s", retry_after=wait)

@@ -1,0 +1,48 @@
+"""The metrics of a closed round, from what the round saw. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from coordinator.store import UpdateRow
+from coordinator.strategies.base import Weights
+
+__all__ = ["is_bn_stat", "round_metrics", "weight_density"]
+
+
+def is_bn_stat(name: str) -> bool:
+    return name.endswith(("running_mean", "running_var"))
+
+
+def weight_density(weights: Weights) -> float:
+    """Nonzero fraction of the conv and linear weights (tensors with ≥ 2 dimensions)."""
+    mats = [v for v in weights.values() if v.ndim >= 2]
+    return sum(int(np.count_nonzero(v)) for v in mats) / max(sum(v.size for v in mats), 1)
+
+
+def round_metrics(*, rnd: int, attempt: int, selected: int, updates: Sequence[UpdateRow], weights: Weights,
+                  accuracy: float, loss: float, macs: int, bytes_down: int, seconds: float,
+                  budget_mb: float | None, clipped: int, rule: str,
+                  strategy_metrics: dict[str, Any]) -> dict[str, Any]:
+    reports = [u.report for u in updates]
+    # Reports are bounded by the protocol; float() keeps a huge int from overflowing numpy.
+    losses = [float(r["train_loss"]) for r in reports]
+    samples = [float(u.num_samples) for u in updates]
+    return {
+        "round": rnd, "accuracy": accuracy, "loss": loss,
+        "participants": len(updates), "stragglers": selected - len(updates),
+        "bytes_up": sum(u.bytes for u in updates), "bytes_down": bytes_down,
+        "seconds": round(seconds, 3), "attempts": attempt,
+        "params": int(sum(v.size for k, v in weights.items() if not is_bn_stat(k))),
+        "density": weight_density(weights),  # strategies with masks report their own
+        "macs": macs,
+        "train_loss": float(np.average(losses, weights=samples)) if updates else None,
+        "agent_peak_mb": max((float(r.get("peak_memory_bytes", 0)) for r in reports), default=0.0) / 2**20,
+        "agent_planned_mb": max((float(r.get("planned_memory_bytes", 0)) for r in reports), default=0.0) / 2**20,
+        "agent_budget_mb": budget_mb,
+        "clipped_updates": clipped, "aggregation": rule,
+        **strategy_metrics,
+    }
