@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.dashboard import DASHBOARD_HTML
+from coordinator.dashboard import DASHBOARD_HTML, DASHBOARD_JS, SECURITY_HEADERS
 from coordinator.errors import (
     BadRequest,
     CoordinatorError,
@@ -239,8 +239,12 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     app.include_router(api)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def dashboard() -> str:
-        return DASHBOARD_HTML
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD_HTML, headers=SECURITY_HEADERS)
+
+    @app.get("/dashboard.js", include_in_schema=False)
+    def dashboard_js() -> Response:
+        return Response(DASHBOARD_JS, media_type="application/javascript", headers=SECURITY_HEADERS)
 
     return app
 

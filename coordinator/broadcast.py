@@ -8,8 +8,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.protocol import ValueEncoding
 from coordinator.strategies.base import RoundResult, Weights
-from sparse_kernels import SMALL_TENSOR, DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, decode, encode
+from sparse_kernels import (
+    SMALL_TENSOR,
+    DeltaMeta,
+    ErrorFeedback,
+    ModelDelta,
+    SparseTensor,
+    decode,
+    encode,
+)
 from sparse_kernels.patch import apply_delta
 from sparse_kernels.reshape import apply_reshape, encode_reshape
 
@@ -34,7 +43,7 @@ def round_for_broadcast(weights: Weights, values: str) -> Weights:
 
 
 def make_broadcast(fid: str, version: int, old: Weights, state: dict[str, np.ndarray], result: RoundResult,
-                   *, density: float, values: str) -> Broadcast:
+                   *, density: float, values: ValueEncoding) -> Broadcast:
     target = result.weights
     residual_before = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in state.items() if k.startswith(RESIDUAL_PREFIX)}
     base, reshape_bytes = old, None

@@ -88,6 +88,7 @@ class CoordinatorService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_tick = time.time()
+        self._failed: dict[str, str | None] = {}  # federation -> reason, as of the last tick
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -112,9 +113,11 @@ class CoordinatorService:
         """In-memory only: answers while the database or a round close is slow."""
         now = time.time()
         failing = self.backoff.snapshot(now)
+        failed = [{"federation_id": f, "reason": r} for f, r in sorted(self._failed.items())]
         stalled = now - self.last_tick > max(30.0, 50 * self.settings.tick_s)
-        return {"status": "stalled" if stalled else "degraded" if failing else "ok",
-                "scheduler_last_tick_s": round(now - self.last_tick, 3), "failing_federations": failing}
+        return {"status": "stalled" if stalled else "degraded" if failing or failed else "ok",
+                "scheduler_last_tick_s": round(now - self.last_tick, 3),
+                "failing_federations": failing, "failed_federations": failed}
 
     # ------------------------------------------------------------------ federations
     def create_federation(self, config: FederationCreate) -> FederationRow:
@@ -354,7 +357,9 @@ class CoordinatorService:
         now = time.time() if now is None else now
         self.last_tick = time.time()
         active: set[str] = set()
-        for fed in self.list_federations():
+        federations = self.list_federations()
+        self._failed = {f.id: f.error for f in federations if f.status == FederationStatus.failed.value}
+        for fed in federations:
             if fed.status not in _ACTIVE:
                 continue
             active.add(fed.id)

@@ -10,6 +10,7 @@ never waits on the scheduler's round closing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -90,10 +91,8 @@ class TaskBoard:
                 return None
             assert self._changed is not None
             changed = self._changed
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
-            except asyncio.TimeoutError:
-                pass
 
     def _attach(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,10 +102,8 @@ class TaskBoard:
     def _wake(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(self._fire)
-            except RuntimeError:  # the loop closed meanwhile
-                pass
 
     def _fire(self) -> None:
         # every waiter holds the old event; set it and hand out a fresh one

@@ -21,11 +21,27 @@ from sparse_kernels import CodecError, ErrorFeedback, decode
 from sparse_kernels.patch import apply_delta, encode_model
 from sparse_kernels.reshape import apply_reshape, decode_reshape
 
-__all__ = ["AgentState", "EdgeAgent"]
+__all__ = ["MAX_ABS_WEIGHT", "AgentState", "EdgeAgent", "UnsafeModel", "check_model"]
 
 log = logging.getLogger("fedslim.agent")
 Weights = dict[str, np.ndarray]
 _MAX_PATCH_CHAIN = 4  # further behind than this, a full download is cheaper
+# No trained network of the zoo's kind comes near this; a global model past it was
+# poisoned or diverged, and training from it would only spread NaNs.
+MAX_ABS_WEIGHT = 1e8
+
+
+class UnsafeModel(ValueError):
+    """A downloaded global model that is not safe to train from (NaN/Inf, absurd values)."""
+
+
+def check_model(weights: Weights, *, bound: float = MAX_ABS_WEIGHT) -> None:
+    """Raise UnsafeModel unless every tensor is finite and within ±bound."""
+    for name, w in weights.items():
+        if not np.isfinite(w).all():
+            raise UnsafeModel(f"{name}: NaN or Inf in the global model")
+        if w.size and float(np.abs(w).max()) > bound:
+            raise UnsafeModel(f"{name}: |w| up to {float(np.abs(w).max()):.3g} exceeds {bound:.3g}")
 
 
 @dataclass
@@ -99,6 +115,7 @@ class EdgeAgent:
         return self._remember(federation_id, version, full.to_dense())
 
     def _remember(self, federation_id: str, version: int, weights: Weights) -> Weights:
+        check_model(weights)  # before it is cached: a poisoned model is never kept
         self._model = (federation_id, version, weights)
         self.state.save_arrays("model", {"federation": federation_id, "version": version}, weights)
         return {k: v.copy() for k, v in weights.items()}
@@ -127,6 +144,10 @@ class EdgeAgent:
                  len(result.body), result.report.train_loss, result.report.num_samples,
                  result.report.peak_memory_bytes / 2**20, " (duplicate)" if receipt.duplicate else "")
 
+    def _skip(self, task: Task) -> None:
+        """Wait out a refused task's round, so the next poll does not hand it back."""
+        time.sleep(max(0.0, min(task.deadline - time.time(), 30.0)))
+
     # ------------------------------------------------------------------ the loop
     def run(self, *, max_tasks: int | None = None, idle_exit_s: float | None = None, poll_s: float = 20.0) -> int:
         """Work until `max_tasks` tasks are done or no task came for `idle_exit_s`."""
@@ -154,5 +175,11 @@ class EdgeAgent:
                     raise
             except CoordinatorUnavailable as exc:
                 log.warning("round %d: upload failed (%s)", task.round, exc)
+            except (UnsafeModel, CodecError) as exc:  # refuse the model, keep serving
+                log.error("round %d: skipped: the global model was refused (%s)", task.round, exc)
+                self._skip(task)
+            except (ValueError, RuntimeError, KeyError) as exc:  # a model or task we cannot train
+                log.error("round %d: skipped: %s", task.round, exc, exc_info=True)
+                self._skip(task)
             idle_since = time.monotonic()
         return done

@@ -29,7 +29,8 @@ def apply_delta(weights: MutableMapping[str, np.ndarray], delta: ModelDelta) -> 
 
 def model_values(weights: Mapping[str, np.ndarray]) -> Literal["fp32", "fp16"]:
     """fp16 on the wire when every weight is exactly representable in it (lossless)."""
-    exact = all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in weights.values())
+    with np.errstate(over="ignore"):  # beyond fp16's range simply means "not exact"
+        exact = all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in weights.values())
     return "fp16" if exact else "fp32"
 
 
