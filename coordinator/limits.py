@@ -45,6 +45,25 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             await _refuse(send, f"request body of {declared.decode(errors='replace')[:20]} bytes exceeds {cap}")
             return
+        if not upload:  # small bodies: read them whole here (FastAPI would turn a raise into 400)
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > cap:
+                    await _refuse(send, f"request body exceeds {cap} bytes")
+                    return
+                more = message.get("more_body", False)
+            replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+            async def replayed() -> Message:
+                return replay.pop() if replay else await receive()
+
+            await self.app(scope, replayed, send)
+            return
         seen = 0
         started = False
 

@@ -133,6 +133,8 @@ def build_uvicorn_config(app: Any, settings: CoordinatorSettings, *, log_level: 
         timeout_keep_alive=settings.timeout_keep_alive_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
         backlog=backlog,
+        # long polls would hold a shutdown for their whole wait: cancel them after this
+        timeout_graceful_shutdown=3,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
         ssl_context_factory=_tls12_or_later if tls else None,

@@ -21,6 +21,8 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,11 @@ class CoordinatorService:
         self._thread: threading.Thread | None = None
         self.last_tick = time.time()
         self._failed: dict[str, str | None] = {}  # federation -> reason, as of the last tick
+        # bytes served per (federation, round), kept in memory and written with the round's
+        # close (a download must not cost a durable write: 200 agents fetch at once)
+        self._served: dict[tuple[str, int], int] = {}
+        self._served_lock = threading.Lock()
+        self.blob_cache = BlobCache(max_bytes=256 << 20)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -216,9 +223,10 @@ class CoordinatorService:
         digest = m["reshape_blob"] if reshape else m["patch_blob"] if patch else m["blob"]
         if digest is None:
             raise NotFound(f"no {'reshape' if reshape else 'patch'} into version {version}")
-        data = self.store.blobs.get(digest)
-        with self.store.tx() as conn:
-            self.store.add_download_bytes(conn, fid, row.current_round + 1, len(data))
+        data = self.blob_cache.get(digest, self.store.blobs.get)
+        with self._served_lock:
+            key = (fid, row.current_round + 1)
+            self._served[key] = self._served.get(key, 0) + len(data)
         return version, data, m["reshape_blob"] is not None
 
     def export(self, fid: str) -> tuple[Path, dict[str, Any]]:
@@ -391,6 +399,7 @@ class CoordinatorService:
                     self.store.update_federation(conn, fed.id, error=f"retrying: {reason}")
             if verdict == "fail":
                 self.backoff.clear(fed.id)
+                self._failed = {**self._failed, fed.id: reason}
         except Exception:  # the database itself is down: the back-off carries the state
             log.exception("federation %s: could not record the failure", fed.id)
 
@@ -451,7 +460,8 @@ class CoordinatorService:
         mean, aux, squares = updates.reduce(live.strategy.fill)
         ctx = dataclasses.replace(self._context(cfg, row.round, len(ups)), mean_sq_delta=squares, aux=aux)
         strategy_state = {k: v for k, v in live.state.items() if not k.startswith(RESIDUAL_PREFIX)}
-        result = live.strategy.aggregate(ctx, live.weights, mean, strategy_state)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected just below
+            result = live.strategy.aggregate(ctx, live.weights, mean, strategy_state)
         bad = [k for k, v in result.weights.items() if not np.isfinite(v).all()]
         if bad:
             raise FederationFailed(f"round {row.round}: the aggregate is not finite in {', '.join(bad[:3])}")
@@ -460,8 +470,10 @@ class CoordinatorService:
                               density=cfg.download_density, values=cfg.download_values)
         state = {**result.state, **cast.residual}
         evaluation = self.evaluator.evaluate(cfg, cast.weights)
+        with self._served_lock:
+            served = self._served.pop((fed.id, row.round), 0)
         with self.store.tx() as conn:
-            bytes_down = self.store.download_bytes(conn, fed.id, row.round)
+            bytes_down = self.store.download_bytes(conn, fed.id, row.round) + served
         metrics = round_metrics(
             rnd=row.round, attempt=row.attempt, selected=len(row.selected), updates=ups, weights=cast.weights,
             accuracy=evaluation.accuracy, loss=evaluation.loss, macs=self.evaluator.macs(cfg, cast.weights),
@@ -474,6 +486,8 @@ class CoordinatorService:
         state_blob = self.store.blobs.put(_npz(state)) if state else None
         done = row.round >= cfg.rounds + live.strategy.setup_rounds(live.weights)
         with self.store.tx() as conn:  # one transaction: round closed + new model + federation
+            if served:
+                self.store.add_download_bytes(conn, fed.id, row.round, served)
             self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob)
             self.store.put_round(conn, RoundRow(fed.id, row.round, "closed", row.attempt, row.base_version,
                                                 row.selected, row.opened_at, row.deadline, now, metrics))
@@ -505,6 +519,33 @@ class CoordinatorService:
     @staticmethod
     def _context(cfg: FederationCreate, rnd: int, participants: int) -> RoundContext:
         return RoundContext(rnd, cfg.rounds, cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size, participants)
+
+
+class BlobCache:
+    """Recently served blobs in memory, by digest (blobs are content-addressed, so an
+    entry can never go stale), at most `max_bytes` in all, least recently used out."""
+
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: str, load: Callable[[str], bytes]) -> bytes:
+        with self._lock:
+            data = self._items.get(digest)
+            if data is not None:
+                self._items.move_to_end(digest)
+                return data
+        data = load(digest)
+        if len(data) <= self.max_bytes // 4:
+            with self._lock:
+                if digest not in self._items:
+                    self._items[digest] = data
+                    self._size += len(data)
+                while self._size > self.max_bytes:
+                    self._size -= len(self._items.popitem(last=False)[1])
+        return data
 
 
 def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:
