@@ -19,8 +19,13 @@ from fastapi.testclient import TestClient
 from coordinator.app import create_app
 from coordinator.settings import CoordinatorSettings
 from sparse_kernels import decode
-from tests.coordinator.test_aggregation_oracle import _enroll, _random_delta, _wait_task, _wait_version
 from tests.coordinator.test_aggregation_oracle import _encode as encode_delta
+from tests.coordinator.test_aggregation_oracle import (
+    _enroll,
+    _random_delta,
+    _wait_task,
+    _wait_version,
+)
 from tests.federation_fixtures import ADMIN, small_federation
 
 

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from coordinator.protocol import REPORT_HEADER
 from sparse_kernels import DeltaMeta, ModelDelta, SparseTensor, decode, encode
 from sparse_kernels.fuzz import reframe
-from tests.coordinator.test_aggregation_oracle import _enroll, _wait_task, _wait_version
+from tests.coordinator.test_aggregation_oracle import _enroll, _wait_version
 from tests.federation_fixtures import ADMIN, small_federation
 
 REPORT = {"num_samples": 10, "train_loss": 0.5, "train_accuracy": 0.5, "train_seconds": 1.0}
