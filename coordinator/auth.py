@@ -16,11 +16,17 @@ from coordinator.ratelimit import RateLimiter
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, Store
 
-__all__ = ["Auth", "hash_token"]
+__all__ = ["Auth", "hash_token", "same_secret"]
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def same_secret(given: str, secret: str) -> bool:
+    """Constant-time comparison that any string from the network can enter (the str form of
+    `secrets.compare_digest` raises TypeError on non-ASCII input: a 500 for a stray byte)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), secret.encode("utf-8", "surrogatepass"))
 
 
 class Auth:
@@ -35,7 +41,7 @@ class Auth:
         self._touch_every = max(1.0, settings.agent_timeout_s / 4)
 
     def is_admin(self, token: str | None) -> bool:
-        return bool(token) and secrets.compare_digest(str(token), self._admin)
+        return bool(token) and same_secret(str(token), self._admin)
 
     def check_admin(self, token: str | None) -> None:
         if not token:
@@ -85,7 +91,7 @@ class Auth:
         wait = self.enroll_limit.take(client_ip, time.monotonic())
         if wait:
             raise TooManyRequests(f"too many enrollments from {client_ip}; retry in {wait:.0f} s", retry_after=wait)
-        if not secrets.compare_digest(req.enrollment_token, self.settings.enrollment_token.get_secret_value()):
+        if not same_secret(req.enrollment_token, self.settings.enrollment_token.get_secret_value()):
             raise Unauthorized("invalid enrollment token")
         agent_id, token = uuid.uuid4().hex[:16], secrets.token_urlsafe(32)
         now = time.time()

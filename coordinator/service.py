@@ -135,8 +135,8 @@ class CoordinatorService:
             weights = self.evaluator.initial_weights(config)
             ctx = self._context(config, 0, 0)
             weights = round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
-        except (ValueError, TypeError, OSError, KeyError) as exc:
-            raise BadRequest(f"federation config refused: {exc}") from None
+        except (ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:  # RuntimeError: torch
+            raise BadRequest(f"federation config refused: {str(exc)[:500]}") from None
         fid = uuid.uuid4().hex[:12]
         blob = self.store.blobs.put(encode_model(fid, 0, weights))
         row = FederationRow(fid, config.model_dump(mode="json"), FederationStatus.created.value, 0, 0, time.time())
