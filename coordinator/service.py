@@ -54,6 +54,7 @@ from coordinator.strategies.base import AUX_PREFIX
 from coordinator.tasks import OpenRound, TaskBoard
 from sparse_kernels import CodecError, ModelDelta, decode
 from sparse_kernels.patch import encode_model
+from sparse_kernels.robust import delta_norm
 
 __all__ = ["CoordinatorService"]
 
@@ -91,8 +92,9 @@ class CoordinatorService:
         self._thread: threading.Thread | None = None
         self.last_tick = time.time()
         self._failed: dict[str, str | None] = {}  # federation -> reason, as of the last tick
-        # bytes served per (federation, round), kept in memory and written with the round's
-        # close (a download must not cost a durable write: 200 agents fetch at once)
+        # bytes served per (federation, round), counted in memory and written once per tick
+        # (a download must not cost a durable write: 200 agents fetch at once); a SIGKILL
+        # loses at most one tick's count
         self._served: dict[tuple[str, int], int] = {}
         self._served_lock = threading.Lock()
         self.blob_cache = BlobCache(max_bytes=256 << 20)
@@ -281,38 +283,34 @@ class CoordinatorService:
     def submit_update(self, agent: AgentRow, fid: str, rnd: int, body: bytes, report: UpdateReport) -> tuple[bool, bool]:
         """Validate, store durably, fold once. Returns (accepted, duplicate). Raises a
         domain error, leaving the round and the global model untouched, when anything is
-        wrong (storage errors propagate before anything is folded)."""
+        wrong (storage errors propagate before anything is folded).
+
+        Decoding and the blob's fsync run outside `self.lock` (they are the slow part and
+        touch nothing shared); the round is checked again before the update is recorded."""
         if len(body) > self.settings.max_upload_bytes:
             raise PayloadTooLarge(f"update of {len(body)} bytes exceeds {self.settings.max_upload_bytes}")
         digest = hashlib.sha256(body).hexdigest()
         with self.lock:
-            fed = self.get_federation(fid)
-            with self.store.tx() as conn:
-                row = self.store.get_round(conn, fid, rnd)
-                previous = self.store.get_update(conn, fid, rnd, agent.id)
-            if previous is not None and previous.blob == digest and (row is None or previous.attempt == row.attempt):
+            checked = self._upload_round(agent, fid, rnd, digest)
+            if checked is None:
                 return True, True  # an idempotent retry: counted once
-            if fed.status not in _ACTIVE:
-                raise StaleUpdate(f"federation {fid} is {fed.status}")
-            if row is None or row.round != fed.current_round + 1 or row.status != "open":
-                raise StaleUpdate(f"round {rnd} of federation {fid} is not open (current round {fed.current_round + 1})")
-            if agent.id not in row.selected:
-                raise StaleUpdate(f"agent {agent.id} was not selected for round {rnd}")
-            if previous is not None and previous.attempt == row.attempt:
-                raise StaleUpdate(f"agent {agent.id} already uploaded a different update for round {rnd}")
-            if time.time() > row.deadline:
-                raise StaleUpdate(f"round {rnd} deadline passed")
-            live = self._load(fed)
-            updates = self._updates(fid, live, row)
-            delta = self._validate(live, fid, row, body, updates)
+            live, row, updates = checked
+            shapes, max_norm = updates.shapes, live.config.max_update_norm
+        delta = _validate(fid, row, body, shapes, max_norm, self.settings.max_upload_bytes)
+        self.store.blobs.put(body)
+        with self.lock:
+            checked = self._upload_round(agent, fid, rnd, digest)
+            if checked is None:
+                return True, True
+            live, now_row, updates = checked
+            if (now_row.attempt, now_row.base_version) != (row.attempt, row.base_version):
+                raise StaleUpdate(f"round {rnd} of federation {fid} moved on while the update was checked")
             if digest in updates.digests and any(t.values.size for t in delta.tensors):
                 # updates are bound to their uploader: a copy of another agent's counts never
                 # (empty deltas are exempt: two idle agents may honestly send the same bytes)
                 raise StaleUpdate(f"this update was already uploaded by agent {updates.digests[digest]}")
-            self.store.blobs.put(body)
             with self.store.tx() as conn:
-                if previous is not None:  # an upload from an earlier attempt of this round
-                    self.store.delete_update(conn, fid, rnd, agent.id)
+                self.store.delete_update(conn, fid, rnd, agent.id)  # an earlier attempt's, if any
                 self.store.add_update(conn, fid, rnd, UpdateRow(
                     agent.id, row.attempt, report.num_samples, len(body), digest, report.model_dump(),
                 ))
@@ -320,25 +318,28 @@ class CoordinatorService:
             self.board.mark_done(fid, rnd, row.attempt, agent.id)
         return True, False
 
-    def _validate(self, live: _Live, fid: str, row: RoundRow, body: bytes, updates: RoundUpdates) -> ModelDelta:
-        try:
-            delta = decode(body, expected=updates.shapes, max_bytes=self.settings.max_upload_bytes)
-        except CodecError as exc:
-            raise BadRequest(f"malformed update: {exc}") from None
-        meta = delta.meta
-        if meta.kind != "delta" or meta.federation_id != fid or meta.round != row.round \
-                or meta.base_version != row.base_version:
-            raise StaleUpdate(
-                f"update is a {meta.kind!r} for federation {meta.federation_id!r} round {meta.round} base "
-                f"{meta.base_version}; expected a delta for {fid!r} round {row.round} base {row.base_version}"
-            )
-        bound = live.config.max_update_norm
-        if bound:
-            norm = float(np.sqrt(sum(float(np.dot(t.values.astype(np.float64), t.values.astype(np.float64)))
-                                     for t in delta.tensors if not t.name.startswith(AUX_PREFIX))))
-            if norm > bound:
-                raise BadRequest(f"update norm {norm:.3g} exceeds the bound {bound:.3g}")
-        return delta
+    def _upload_round(self, agent: AgentRow, fid: str, rnd: int,
+                      digest: str) -> tuple[_Live, RoundRow, RoundUpdates] | None:
+        """The open round an upload goes into (None: this exact update is already in);
+        raises StaleUpdate when it may not go in. Under `self.lock`."""
+        fed = self.get_federation(fid)
+        with self.store.tx() as conn:
+            row = self.store.get_round(conn, fid, rnd)
+            previous = self.store.get_update(conn, fid, rnd, agent.id)
+        if previous is not None and previous.blob == digest and (row is None or previous.attempt == row.attempt):
+            return None
+        if fed.status not in _ACTIVE:
+            raise StaleUpdate(f"federation {fid} is {fed.status}")
+        if row is None or row.round != fed.current_round + 1 or row.status != "open":
+            raise StaleUpdate(f"round {rnd} of federation {fid} is not open (current round {fed.current_round + 1})")
+        if agent.id not in row.selected:
+            raise StaleUpdate(f"agent {agent.id} was not selected for round {rnd}")
+        if previous is not None and previous.attempt == row.attempt:
+            raise StaleUpdate(f"agent {agent.id} already uploaded a different update for round {rnd}")
+        if time.time() > row.deadline:
+            raise StaleUpdate(f"round {rnd} deadline passed")
+        live = self._load(fed)
+        return live, row, self._updates(fid, live, row)
 
     def _updates(self, fid: str, live: _Live, row: RoundRow) -> RoundUpdates:
         """The attempt's accepted updates, rebuilt from the store when the process has not
@@ -383,6 +384,22 @@ class CoordinatorService:
             except Exception as exc:
                 self._record_failure(fed, exc, now)
         self.board.keep_only(active)
+        self._flush_served()
+
+    def _flush_served(self) -> None:
+        with self._served_lock:
+            served, self._served = self._served, {}
+        if not served:
+            return
+        try:
+            with self.store.tx() as conn:
+                for (fid, rnd), n in served.items():
+                    self.store.add_download_bytes(conn, fid, rnd, n)
+        except Exception:  # keep the counts for the next tick
+            with self._served_lock:
+                for key, n in served.items():
+                    self._served[key] = self._served.get(key, 0) + n
+            raise
 
     def _record_failure(self, fed: FederationRow, exc: Exception, now: float) -> None:
         verdict = self.backoff.record(fed.id, exc, now)
@@ -546,6 +563,29 @@ class BlobCache:
                 while self._size > self.max_bytes:
                     self._size -= len(self._items.popitem(last=False)[1])
         return data
+
+
+def _validate(fid: str, row: RoundRow, body: bytes, shapes: dict[str, tuple[int, ...]],
+              max_norm: float | None, max_bytes: int) -> ModelDelta:
+    """Decode an upload for `row` (codec checks: CRC, caps, indices, NaN/Inf, shapes) and
+    check what the codec cannot: that it is a delta for this round and base, within the
+    federation's reject bound. Pure; raises BadRequest / StaleUpdate."""
+    try:
+        delta = decode(body, expected=shapes, max_bytes=max_bytes)
+    except CodecError as exc:
+        raise BadRequest(f"malformed update: {exc}") from None
+    meta = delta.meta
+    if meta.kind != "delta" or meta.federation_id != fid or meta.round != row.round \
+            or meta.base_version != row.base_version:
+        raise StaleUpdate(
+            f"update is a {meta.kind!r} for federation {meta.federation_id!r} round {meta.round} base "
+            f"{meta.base_version}; expected a delta for {fid!r} round {row.round} base {row.base_version}"
+        )
+    if max_norm:
+        norm = delta_norm(delta, skip_prefix=AUX_PREFIX)
+        if norm > max_norm:
+            raise BadRequest(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}")
+    return delta
 
 
 def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:
