@@ -140,6 +140,7 @@ class Coordinator:
             **os.environ, "PYTHONUNBUFFERED": "1", "FEDSLIM_TICK_S": "0.05",
             # the benchmark's own agents, all from 127.0.0.1, must not be throttled
             "FEDSLIM_ENROLL_PER_IP_PER_MINUTE": "1000000", "FEDSLIM_UPLOADS_PER_AGENT_PER_MINUTE": "1000000",
+            "FEDSLIM_UPLOADS_PER_IP_PER_MINUTE": "1000000",
             "FEDSLIM_MAX_AGENTS": "1000000",
             "FEDSLIM_LIMIT_CONCURRENCY": str(max(4096, 3 * n_agents + 256)),
         }

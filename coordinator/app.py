@@ -119,8 +119,10 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     def admin(token: Annotated[str | None, Depends(_bearer)]) -> None:
         svc.auth.check_admin(token)
 
-    def agent(token: Annotated[str | None, Depends(_bearer)]) -> AgentRow:
-        return svc.auth.agent(token)
+    async def agent(token: Annotated[str | None, Depends(_bearer)]) -> AgentRow:
+        # from memory on the event loop when cached; a miss reads the store in a thread
+        cached = svc.auth.cached_agent(token)
+        return cached if cached is not None else await run_in_threadpool(svc.auth.agent, token)
 
     Admin = Depends(admin)
     api = APIRouter(prefix=API_PREFIX)
@@ -231,7 +233,7 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
             errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)[:10]]
             raise BadRequest(f"bad {REPORT_HEADER}: {errors}") from None
         # refuse what can be refused before reading a byte of the body
-        await run_in_threadpool(svc.check_upload, who, fid, rnd)
+        await run_in_threadpool(svc.check_upload, who, fid, rnd, _client_ip(request))
         body = await _read_capped(request, svc.settings.max_upload_bytes, svc.settings.body_timeout_s)
         accepted, duplicate = await run_in_threadpool(svc.submit_update, who, fid, rnd, body, parsed)
         return UpdateReceipt(federation_id=fid, round=rnd, accepted=accepted, duplicate=duplicate)

@@ -37,8 +37,10 @@ class Auth:
         self._lock = threading.Lock()
         self.enroll_limit = RateLimiter(per_minute=settings.enroll_per_ip_per_minute)
         self.upload_limit = RateLimiter(per_minute=settings.uploads_per_agent_per_minute)
-        # last_seen is written at most this often per agent (it only decides "online")
-        self._touch_every = max(1.0, settings.agent_timeout_s / 4)
+        self.upload_ip_limit = RateLimiter(per_minute=settings.uploads_per_ip_per_minute)
+        # last_seen is noted in memory per request and written in one transaction per
+        # scheduler tick (`flush_seen`): a poll costs no database write
+        self._seen: dict[str, float] = {}
 
     def is_admin(self, token: str | None) -> bool:
         return bool(token) and same_secret(str(token), self._admin)
@@ -52,6 +54,18 @@ class Auth:
             raise Forbidden("agent tokens cannot use admin endpoints")
         raise Unauthorized("invalid token")
 
+    def cached_agent(self, token: str | None) -> AgentRow | None:
+        """The agent for `token` when it is in the memory cache and valid (no I/O: safe
+        on the event loop); None means "ask `agent`"."""
+        if not token or len(token) > 512:
+            return None
+        with self._lock:
+            agent = self._cache.get(hash_token(token))
+            if agent is not None and agent.revoked_at is None:
+                self._seen[agent.id] = time.time()
+                return agent
+        return None
+
     def agent(self, token: str | None) -> AgentRow:
         if not token:
             raise Unauthorized("missing bearer token")
@@ -62,15 +76,22 @@ class Auth:
             raise Unauthorized("invalid agent token")
         if agent.revoked_at is not None:
             raise Unauthorized("agent token revoked")
-        now = time.time()
-        if now - agent.last_seen >= self._touch_every:
-            with self.store.tx() as conn:
-                self.store.touch_agent(conn, agent.id, now)
-            agent = AgentRow(agent.id, agent.name, agent.token_hash, agent.enrolled_at, now, agent.info,
-                             agent.revoked_at)
-            with self._lock:
-                self._cache[agent.token_hash] = agent
+        with self._lock:
+            self._seen[agent.id] = time.time()
         return agent
+
+    def flush_seen(self) -> None:
+        """Write the noted last_seen times (one transaction for all agents)."""
+        with self._lock:
+            seen, self._seen = self._seen, {}
+        if seen:
+            try:
+                with self.store.tx() as conn:
+                    self.store.touch_agents(conn, seen)
+            except Exception:
+                with self._lock:
+                    self._seen = {**seen, **self._seen}
+                raise
 
     def _lookup(self, token: str) -> AgentRow | None:
         if len(token) > 512:
@@ -114,7 +135,11 @@ class Auth:
             self._cache = {k: a for k, a in self._cache.items() if a.id != agent_id}
         return agent
 
-    def check_upload_rate(self, agent: AgentRow) -> None:
-        wait = self.upload_limit.take(agent.id, time.monotonic())
+    def check_upload_rate(self, agent: AgentRow, client_ip: str) -> None:
+        now = time.monotonic()
+        wait = self.upload_ip_limit.take(client_ip, now)
+        if wait:
+            raise TooManyRequests(f"too many uploads from {client_ip}; retry in {wait:.0f} s", retry_after=wait)
+        wait = self.upload_limit.take(agent.id, now)
         if wait:
             raise TooManyRequests(f"agent {agent.id} uploads too often; retry in {wait:.0f} s", retry_after=wait)

@@ -177,6 +177,7 @@ class CoordinatorService:
             self.store.update_federation(conn, fid, status=target)
         if target == "stopped":
             self.board.withdraw(fid)
+            self._live.pop(fid, None)  # an upload checked before the stop cannot be recorded after it
         return self.get_federation(fid)
 
     def round_metrics(self, fid: str) -> list[dict[str, Any]]:
@@ -206,9 +207,12 @@ class CoordinatorService:
         if self.auth.is_admin(token):
             return
         agent = self.auth.agent(token)
-        fed = self.get_federation(fid)
-        with self.lock:
-            members = self._load(fed).members
+        live = self._live.get(fid)  # a dict read: no lock, so downloads never queue behind a close
+        if live is None:
+            fed = self.get_federation(fid)
+            with self.lock:
+                live = self._load(fed)
+        members = live.members
         if agent.id not in members:
             raise Forbidden(f"agent {agent.id} takes no part in federation {fid}")
 
@@ -261,11 +265,11 @@ class CoordinatorService:
         return task.model_dump_json().encode()
 
     # ------------------------------------------------------------------ uploads
-    def check_upload(self, agent: AgentRow, fid: str, rnd: int) -> None:
+    def check_upload(self, agent: AgentRow, fid: str, rnd: int, client_ip: str = "unknown") -> None:
         """What can be refused before the body is read: rate, federation, round, selection.
         An agent that already uploaded to this round passes (its retry is answered after
         the body, as a duplicate or a conflict)."""
-        self.auth.check_upload_rate(agent)
+        self.auth.check_upload_rate(agent, client_ip)
         entry = self.board.current(fid)
         if entry is not None and entry.round == rnd and agent.id in entry.selected:
             return
@@ -286,42 +290,61 @@ class CoordinatorService:
         wrong (storage errors propagate before anything is folded).
 
         Decoding and the blob's fsync run outside `self.lock` (they are the slow part and
-        touch nothing shared); the round is checked again before the update is recorded."""
+        touch nothing shared); before the update is recorded, the attempt it was checked
+        against must still be the open one (the same `RoundUpdates` object)."""
         if len(body) > self.settings.max_upload_bytes:
             raise PayloadTooLarge(f"update of {len(body)} bytes exceeds {self.settings.max_upload_bytes}")
         digest = hashlib.sha256(body).hexdigest()
         with self.lock:
-            checked = self._upload_round(agent, fid, rnd, digest)
-            if checked is None:
+            target = self._upload_target(agent, fid, rnd, digest)
+            if target is None:
                 return True, True  # an idempotent retry: counted once
-            live, row, updates = checked
-            shapes, max_norm = updates.shapes, live.config.max_update_norm
-        delta = _validate(fid, row, body, shapes, max_norm, self.settings.max_upload_bytes)
+            live, updates, base_version, deadline = target
+        delta = _validate(fid, rnd, base_version, body, updates.shapes, live.config.max_update_norm,
+                          self.settings.max_upload_bytes)
         self.store.blobs.put(body)
         with self.lock:
-            checked = self._upload_round(agent, fid, rnd, digest)
-            if checked is None:
-                return True, True
-            live, now_row, updates = checked
-            if (now_row.attempt, now_row.base_version) != (row.attempt, row.base_version):
+            if self._live.get(fid) is not live or live.updates is not updates:
                 raise StaleUpdate(f"round {rnd} of federation {fid} moved on while the update was checked")
+            if agent.id in updates.folded:  # a concurrent twin of this upload got in first
+                if updates.digests.get(digest) == agent.id:
+                    return True, True
+                raise StaleUpdate(f"agent {agent.id} already uploaded a different update for round {rnd}")
+            if time.time() > deadline:
+                raise StaleUpdate(f"round {rnd} deadline passed")
             if digest in updates.digests and any(t.values.size for t in delta.tensors):
                 # updates are bound to their uploader: a copy of another agent's counts never
                 # (empty deltas are exempt: two idle agents may honestly send the same bytes)
                 raise StaleUpdate(f"this update was already uploaded by agent {updates.digests[digest]}")
             with self.store.tx() as conn:
-                self.store.delete_update(conn, fid, rnd, agent.id)  # an earlier attempt's, if any
+                if updates.key[1] > 1:  # an upload from an earlier attempt of this round goes
+                    self.store.delete_update(conn, fid, rnd, agent.id)
                 self.store.add_update(conn, fid, rnd, UpdateRow(
-                    agent.id, row.attempt, report.num_samples, len(body), digest, report.model_dump(),
+                    agent.id, updates.key[1], report.num_samples, len(body), digest, report.model_dump(),
                 ))
             updates.add(agent.id, delta, report.num_samples, digest=digest, nbytes=len(body))
-            self.board.mark_done(fid, rnd, row.attempt, agent.id)
+            self.board.mark_done(fid, rnd, updates.key[1], agent.id)
         return True, False
 
-    def _upload_round(self, agent: AgentRow, fid: str, rnd: int,
-                      digest: str) -> tuple[_Live, RoundRow, RoundUpdates] | None:
-        """The open round an upload goes into (None: this exact update is already in);
-        raises StaleUpdate when it may not go in. Under `self.lock`."""
+    def _upload_target(self, agent: AgentRow, fid: str, rnd: int,
+                       digest: str) -> tuple[_Live, RoundUpdates, int, float] | None:
+        """(federation, the open attempt's updates, base version, deadline) an upload goes
+        into; None when this exact update is already in; StaleUpdate when it may not go in.
+        From memory when the round is the published open one, else from the store. Under
+        `self.lock`."""
+        live, entry = self._live.get(fid), self.board.current(fid)
+        if live is not None and entry is not None and live.updates is not None and entry.round == rnd \
+                and live.updates.key == (entry.round, entry.attempt):
+            updates = live.updates
+            if agent.id not in entry.selected:
+                raise StaleUpdate(f"agent {agent.id} was not selected for round {rnd}")
+            if agent.id in updates.folded:
+                if updates.digests.get(digest) == agent.id:
+                    return None
+                raise StaleUpdate(f"agent {agent.id} already uploaded a different update for round {rnd}")
+            if time.time() > entry.deadline:
+                raise StaleUpdate(f"round {rnd} deadline passed")
+            return live, updates, live.version, entry.deadline
         fed = self.get_federation(fid)
         with self.store.tx() as conn:
             row = self.store.get_round(conn, fid, rnd)
@@ -339,7 +362,7 @@ class CoordinatorService:
         if time.time() > row.deadline:
             raise StaleUpdate(f"round {rnd} deadline passed")
         live = self._load(fed)
-        return live, row, self._updates(fid, live, row)
+        return live, self._updates(fid, live, row), row.base_version, row.deadline
 
     def _updates(self, fid: str, live: _Live, row: RoundRow) -> RoundUpdates:
         """The attempt's accepted updates, rebuilt from the store when the process has not
@@ -365,6 +388,7 @@ class CoordinatorService:
         if it persists, fails it alone)."""
         now = time.time() if now is None else now
         self.last_tick = time.time()
+        self.auth.flush_seen()  # before sampling: who is online
         active: set[str] = set()
         federations = self.list_federations()
         self._failed = {f.id: f.error for f in federations if f.status == FederationStatus.failed.value}
@@ -565,9 +589,9 @@ class BlobCache:
         return data
 
 
-def _validate(fid: str, row: RoundRow, body: bytes, shapes: dict[str, tuple[int, ...]],
+def _validate(fid: str, rnd: int, base_version: int, body: bytes, shapes: dict[str, tuple[int, ...]],
               max_norm: float | None, max_bytes: int) -> ModelDelta:
-    """Decode an upload for `row` (codec checks: CRC, caps, indices, NaN/Inf, shapes) and
+    """Decode an upload for round `rnd` from `base_version` (codec checks: CRC, caps, indices, NaN/Inf, shapes) and
     check what the codec cannot: that it is a delta for this round and base, within the
     federation's reject bound. Pure; raises BadRequest / StaleUpdate."""
     try:
@@ -575,11 +599,10 @@ def _validate(fid: str, row: RoundRow, body: bytes, shapes: dict[str, tuple[int,
     except CodecError as exc:
         raise BadRequest(f"malformed update: {exc}") from None
     meta = delta.meta
-    if meta.kind != "delta" or meta.federation_id != fid or meta.round != row.round \
-            or meta.base_version != row.base_version:
+    if meta.kind != "delta" or meta.federation_id != fid or meta.round != rnd or meta.base_version != base_version:
         raise StaleUpdate(
             f"update is a {meta.kind!r} for federation {meta.federation_id!r} round {meta.round} base "
-            f"{meta.base_version}; expected a delta for {fid!r} round {row.round} base {row.base_version}"
+            f"{meta.base_version}; expected a delta for {fid!r} round {rnd} base {base_version}"
         )
     if max_norm:
         norm = delta_norm(delta, skip_prefix=AUX_PREFIX)

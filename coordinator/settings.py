@@ -38,7 +38,7 @@ class CoordinatorSettings(BaseSettings):
     max_agents: int = 100_000  # enrollment refuses beyond this many identities
     enroll_per_ip_per_minute: float = 30.0  # token bucket (burst = one minute's worth)
     uploads_per_agent_per_minute: float = 30.0
-    requests_per_ip_per_second: float = 0.0  # 0 = off (a proxy usually does this)
+    uploads_per_ip_per_minute: float = 6000.0  # many devices may share one NAT address
     # ---- serving (uvicorn): connection limits and timeouts against slow or idle clients
     limit_concurrency: int = 4096  # connections + tasks; beyond this uvicorn answers 503
     timeout_keep_alive_s: float = 5.0

@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
@@ -185,7 +186,8 @@ class Store:
     def __init__(self, url: str, blob_dir: Path) -> None:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, future=True)
+        # as many pooled connections as request threads: no connect/discard churn under load
+        self.engine = create_engine(url, future=True, pool_size=16, max_overflow=48)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
@@ -226,8 +228,9 @@ class Store:
     def list_agents(self, conn: Connection) -> list[AgentRow]:
         return [_agent(r) for r in conn.execute(select(agents).order_by(agents.c.enrolled_at)).mappings()]
 
-    def touch_agent(self, conn: Connection, agent_id: str, when: float) -> None:
-        conn.execute(agents.update().where(agents.c.id == agent_id).values(last_seen=when))
+    def touch_agents(self, conn: Connection, seen: dict[str, float]) -> None:
+        stmt = agents.update().where(agents.c.id == bindparam("agent")).values(last_seen=bindparam("when"))
+        conn.execute(stmt, [{"agent": a, "when": t} for a, t in seen.items()])
 
     def count_agents(self, conn: Connection) -> int:
         return int(conn.execute(select(func.count()).select_from(agents)).scalar() or 0)
