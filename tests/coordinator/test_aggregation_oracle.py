@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,18 @@ def _put(http: Any, auth: dict[str, str], fid: str, rnd: int, body: bytes, num_s
     r = http.put(f"/v1/federations/{fid}/rounds/{rnd}/update", content=body,
                  headers={**auth, REPORT_HEADER: report, "Content-Type": "application/octet-stream"})
     return int(r.status_code)
+
+
+def _hang_up_mid_upload(port: int, auth: dict[str, str], fid: str, body: bytes, num_samples: int) -> None:
+    """What a SIGKILLed agent looks like to the coordinator: a PUT whose body stops half
+    way and a connection that closes."""
+    report = f'{{"num_samples": {num_samples}, "train_loss": 0.5, "train_accuracy": 0.5, "train_seconds": 1}}'
+    head = (f"PUT /v1/federations/{fid}/rounds/1/update HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: {auth['Authorization']}\r\n{REPORT_HEADER}: {report}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+        time.sleep(0.3)
 
 
 def _oracle(base: Weights, accepted: list[tuple[Weights, float]], clip: float | None = None) -> Weights:
@@ -216,6 +229,8 @@ def test_oracle_holds_across_a_sigkill_mid_round(tmp_path: Path) -> None:
         samples = [120, 80, 200]
         for i in (0, 1):
             assert _put(http, agents[i], fid, 1, _encode(fid, 1, 0, deltas[i], samples[i]), samples[i]) == 200
+        # agent 2 dies mid-upload: half its body sent, then the connection drops
+        _hang_up_mid_upload(cluster.port, agents[2], fid, _encode(fid, 1, 0, deltas[2], samples[2]), samples[2])
 
         assert cluster.coordinator is not None
         os.kill(cluster.coordinator.pid, signal.SIGKILL)
