@@ -93,7 +93,7 @@ class AggregationSpec(_Strict):
     trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: fraction cut at each end")
     clip_norm: float | None = Field(None, gt=0, le=1e9, description="absolute L2 clip of each update")
     clip_relative: float | None = Field(
-        1.0, gt=0, le=1e6, description="clip to this multiple of max(1, ||w||) when clip_norm is unset; "
+        3.0, gt=0, le=1e6, description="clip to this multiple of max(1, ||w||) when clip_norm is unset; "
         "null with clip_norm unset turns clipping off",
     )
     max_num_samples: int = Field(100_000, ge=1, le=10**9, description="an update's weight is capped here")
