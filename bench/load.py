@@ -300,6 +300,12 @@ class Run:
             self.rec.error(f"agent {type(exc).__name__}: {str(exc)[:80]}")
 
     async def _agent(self, i: int, token: str) -> None:
+        # a client of its own, as a device has: one shared pool of N connections costs the
+        # benchmark O(N) per request in httpcore and made the load generator the bottleneck
+        async with httpx.AsyncClient(base_url=self.coord.url, timeout=30, limits=_limits(2)) as http:
+            await self._work(i, token, http)
+
+    async def _work(self, i: int, token: str, http: httpx.AsyncClient) -> None:
         auth = {"Authorization": f"Bearer {token}"}
         rng = random.Random(i)
         have: int | None = None  # the model version this agent holds
@@ -307,7 +313,7 @@ class Run:
         task: Task | None = None
         while not self.stop.is_set():
             if task is None:
-                resp = await self.until_stop(self.call("long_poll", "GET", "/tasks", ok=(200, 204), timed=False,
+                resp = await self.until_stop(self.call("long_poll", "GET", "/tasks", ok=(200, 204), timed=False, http=http,
                                                        params={"wait": wait}, headers=auth, timeout=wait + 30))
                 if self.stop.is_set():
                     return
@@ -319,7 +325,7 @@ class Run:
                     continue
                 task = Task.model_validate_json(resp.content)
             self.rec.task_times.setdefault(task.round, []).append(time.perf_counter())
-            have = await self.sync_model(task, have, auth)
+            have = await self.sync_model(task, have, auth, http)
             await asyncio.sleep(rng.uniform(0, 2 * self.args.train_s))  # local training
             num_samples = rng.randint(100, 300)
             meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
@@ -329,7 +335,7 @@ class Run:
             report = UpdateReport(num_samples=num_samples, train_loss=rng.uniform(0.5, 2.5),
                                   train_accuracy=rng.uniform(0.1, 0.9), train_seconds=self.args.train_s)
             resp = await self.call("upload", "PUT", f"/federations/{task.federation_id}/rounds/{task.round}/update",
-                                   content=body, headers={**auth, REPORT_HEADER: report.model_dump_json(),
+                                   http=http, content=body, headers={**auth, REPORT_HEADER: report.model_dump_json(),
                                                           "Content-Type": "application/octet-stream"})
             task = None
             if resp is not None:
@@ -339,11 +345,11 @@ class Run:
                 else:
                     self.rec.error(f"upload not accepted: {resp.text[:80]}")
             # the no-wait fast path, measured while the others are still uploading
-            resp = await self.call("poll", "GET", "/tasks", ok=(200, 204), params={"wait": 0}, headers=auth)
+            resp = await self.call("poll", "GET", "/tasks", ok=(200, 204), params={"wait": 0}, headers=auth, http=http)
             if resp is not None and resp.status_code == 200:
                 task = Task.model_validate_json(resp.content)
 
-    async def sync_model(self, task: Task, have: int | None, auth: dict[str, str]) -> int:
+    async def sync_model(self, task: Task, have: int | None, auth: dict[str, str], http: httpx.AsyncClient) -> int:
         """As EdgeAgent.sync_model: version 0 is rebuilt from the seed (no bytes); patches
         forward from what we hold; else, or when a patch is missing, the full model."""
         fid, v = task.federation_id, task.model_version
@@ -352,13 +358,13 @@ class Run:
         if have is not None and 0 <= v - have <= MAX_PATCH_CHAIN:
             for u in range(have + 1, v + 1):
                 resp = await self.call("download", "GET", f"/federations/{fid}/models/{u}/patch", ok=(200, 404),
-                                       headers=auth)
+                                       headers=auth, http=http)
                 if resp is None or resp.status_code == 404:
                     break
                 self.rec.bytes_down += len(resp.content)
             else:
                 return v
-        resp = await self.call("download", "GET", f"/federations/{fid}/models/{v}", headers=auth)
+        resp = await self.call("download", "GET", f"/federations/{fid}/models/{v}", headers=auth, http=http)
         if resp is not None:
             self.rec.bytes_down += len(resp.content)
         return v
