@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import secrets
 import threading
@@ -42,9 +41,9 @@ from coordinator.protocol import (
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow
-from coordinator.strategies import RoundContext, RoundResult, Strategy, Weights, build_strategy
-from coordinator.strategies.base import AUX_PREFIX
+from models.state import is_bn_stat as _is_bn_stat
 from sparse_kernels import (
+    MAX_MODEL_BYTES,
     SMALL_TENSOR,
     CodecError,
     DeltaMeta,
@@ -55,8 +54,12 @@ from sparse_kernels import (
     decode,
     encode,
 )
+from sparse_kernels.npz import arrays_from_npz as _from_npz
+from sparse_kernels.npz import arrays_to_npz as _npz
 from sparse_kernels.patch import apply_delta, encode_model
+from sparse_kernels.patch import round_for_broadcast as _round_for_broadcast
 from sparse_kernels.reshape import apply_reshape, encode_reshape
+from strategies import AUX_PREFIX, RoundContext, RoundResult, Strategy, Weights, build_strategy
 
 __all__ = ["CoordinatorService", "hash_token"]
 
@@ -491,7 +494,7 @@ class CoordinatorService:
         with self.store.tx() as conn:
             m = self.store.get_model(conn, fed.id, fed.model_version)
         assert m is not None, f"federation {fed.id} has no model version {fed.model_version}"
-        weights = decode(self.store.blobs.get(m["blob"]), max_bytes=1 << 34).to_dense()
+        weights = decode(self.store.blobs.get(m["blob"]), max_bytes=MAX_MODEL_BYTES).to_dense()
         state = _from_npz(self.store.blobs.get(m["state_blob"])) if m["state_blob"] else {}
         live = _Live(config, build_strategy(config.strategy.name, config.strategy.params), fed.model_version, weights, state)
         self._live[fed.id] = live
@@ -511,30 +514,7 @@ def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:
     return {**{k: v.shape for k, v in live.weights.items()}, **aux}
 
 
-def _round_for_broadcast(weights: Weights, values: str) -> Weights:
-    """Full models travel as fp16 when the federation's broadcast is lossy anyway."""
-    if values == "fp32":
-        return weights
-    return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
-
-
 def _weight_density(weights: Weights) -> float:
     """Nonzero fraction of the conv and linear weights (tensors with ≥ 2 dimensions)."""
     mats = [v for v in weights.values() if v.ndim >= 2]
     return sum(int(np.count_nonzero(v)) for v in mats) / max(sum(v.size for v in mats), 1)
-
-
-def _is_bn_stat(name: str) -> bool:
-    return name.endswith(("running_mean", "running_var"))
-
-
-def _npz(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{k.replace("/", "|"): v for k, v in arrays.items()})  # type: ignore[arg-type]
-    return buf.getvalue()
-
-
-def _from_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k.replace("|", "/"): z[k] for k in z.files}
-

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from coordinator.protocol import StrategySpec, Task, TrainingConfig
-from coordinator.strategies import RoundContext
 from models import build_model
 from models.state import to_numpy_state
+from strategies import LocalHooks, RoundContext, hooks_for
 
 ADMIN = {"Authorization": "Bearer dev-admin-token"}
 Weights = dict[str, np.ndarray]
@@ -42,6 +42,11 @@ def task_for(strategy: str, params: dict[str, Any], *, rnd: int = 1, model: str 
                 strategy=StrategySpec(name=strategy, params=params), deadline=time.time() + 600)
 
 
+def task_hooks(task: Task, model: torch.nn.Module, weights: Weights, data: Any) -> LocalHooks:
+    """The agent half's hooks for `task`, as `edge_agent.local.run_task` gets them."""
+    return hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
+
+
 def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
     end = time.monotonic() + timeout
     while not cond():
@@ -57,6 +62,7 @@ class Helpers:
     weights_of = staticmethod(weights_of)
     context = staticmethod(context)
     task_for = staticmethod(task_for)
+    task_hooks = staticmethod(task_hooks)
     wait_for = staticmethod(wait_for)
 
 
