@@ -191,7 +191,8 @@ def _results(args: argparse.Namespace, fid: str, rows: list[dict], seconds: floa
 
 
 def format_table(results: dict[str, Any]) -> str:
-    head = f"{'round':>5} {'accuracy':>8} {'loss':>7} {'clients':>7} {'MB up':>8} {'MB down':>8} {'MMACs':>7} {'density':>7} {'peak MB':>7} {'s':>6}"
+    head = (f"{'round':>5} {'accuracy':>8} {'loss':>7} {'clients':>7} {'MB up':>8} {'MB down':>8} {'MMACs':>7} "
+            f"{'density':>7} {'peak MB':>7} {'s':>6}")
     lines = [head, "-" * len(head)]
     for r in results["rounds"]:
         density = r.get("density")
@@ -201,7 +202,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"{density if density is not None else 1.0:>7.3f} {r.get('agent_peak_mb') or 0:>7.1f} {r['seconds']:>6.1f}"
         )
     final = results["final"]
-    lines.append(f"\nfinal accuracy {final['accuracy']:.4f} · {final['mean_mb_per_round']:.2f} MB per round · {final['wall_seconds']:.0f} s")
+    lines.append(f"\nfinal accuracy {final['accuracy']:.4f} · {final['mean_mb_per_round']:.2f} MB per round · "
+                 f"{final['wall_seconds']:.0f} s")
     for key in ("dense_macs", "pruned_macs", "parity_max_abs_diff", "onnx_path"):
         if key in final:
             lines.append(f"{key}: {final[key]}")
@@ -246,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", default="structured", choices=sorted(STRATEGY_PRESETS))
-    p.add_argument("--strategy-params", default="{}", help='JSON overriding the preset\'s strategy params, e.g. \'{"target_macs": 0.3}\'')
+    p.add_argument("--strategy-params", default="{}",
+                   help='JSON overriding the preset\'s strategy params, e.g. \'{"target_macs": 0.3}\'')
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)

@@ -129,7 +129,8 @@ def test_federation_over_http_survives_a_coordinator_kill(cluster: Cluster) -> N
     # round 1: agents rebuilt the seeded initial model (sha256-checked); later: patches
     assert rows[0]["bytes_down"] == 0 and all(r["bytes_down"] > 0 for r in rows[1:]), rows
     with sqlite3.connect(cluster.root / "coord" / "coordinator.db") as db:
-        closed = db.execute("SELECT round FROM rounds WHERE federation_id=? AND status='closed' ORDER BY round", (fid,)).fetchall()
+        closed = db.execute("SELECT round FROM rounds WHERE federation_id=? AND status='closed' ORDER BY round",
+                            (fid,)).fetchall()
         versions = db.execute("SELECT COUNT(*) FROM models WHERE federation_id=?", (fid,)).fetchone()[0]
     assert [r[0] for r in closed] == [1, 2, 3] and versions == 4
     # the agents did the work as separate OS processes, each seen by the coordinator
