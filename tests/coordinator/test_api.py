@@ -15,15 +15,7 @@ from coordinator.protocol import REPORT_HEADER, UpdateReport
 from edge_agent.agent import EdgeAgent
 from edge_agent.local import run_task
 from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
+from tests.helpers import ADMIN, ENROLL, wait_for
 
 
 @pytest.mark.parametrize(
@@ -48,7 +40,7 @@ def test_agent_token_cannot_use_admin_endpoints(coordinator: TestClient, make_ag
 
 def test_enrollment_needs_the_enrollment_token(coordinator: TestClient) -> None:
     bad = coordinator.post("/v1/agents/enroll", json={"enrollment_token": "guess", "name": "x"})
-    good = coordinator.post("/v1/agents/enroll", json={"enrollment_token": "dev-enroll-token", "name": "x"})
+    good = coordinator.post("/v1/agents/enroll", json={"enrollment_token": ENROLL, "name": "x"})
     assert bad.status_code == 401
     assert good.status_code == 201 and len(good.json()["agent_token"]) >= 32
 
@@ -95,7 +87,7 @@ def test_reupload_is_idempotent_and_counted_once(coordinator: TestClient, make_a
     assert first.accepted and not first.duplicate
     assert again.accepted and again.duplicate
     a1.run(max_tasks=1, poll_s=2)
-    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
+    wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
     [metrics] = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
     assert metrics["participants"] == 2
     assert metrics["bytes_up"] == len(result.body) + a1.client.bytes_up  # the retry counted once
@@ -107,7 +99,7 @@ def test_late_upload_after_close_is_409_and_changes_nothing(coordinator: TestCli
     fid = start_federation(rounds=2, min_clients=1, clients_per_round=2, round_deadline_s=1.5)
     task, weights = _task_and_weights(a1)  # a1 takes the task but is too slow
     a0.run(max_tasks=1, poll_s=2)
-    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["current_round"] == 1)
+    wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["current_round"] == 1)
     before = coordinator.get(f"/v1/federations/{fid}/model", headers=ADMIN).content
     result = run_task(task, weights, a1.data, ErrorFeedback())
     resp = coordinator.put(f"/v1/federations/{fid}/rounds/{task.round}/update", content=result.body,
@@ -160,7 +152,7 @@ def test_rejected_uploads_leave_the_round_untouched(
     # the agent can still upload its real update, and the round closes with both
     assert a0.client.upload_update(fid, task.round, good.body, good.report).accepted
     a1.run(max_tasks=1, poll_s=2)
-    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
+    wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
     [metrics] = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
     assert metrics["participants"] == 2 and np.isfinite(metrics["loss"])
 
@@ -189,7 +181,7 @@ def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, ma
             t.join()
 
     work()
-    _wait(lambda: fed()["current_round"] == 1)
+    wait_for(lambda: fed()["current_round"] == 1)
     assert coordinator.post(f"/v1/federations/{fid}/pause", headers=ADMIN).json()["status"] == "paused"
     work()  # a round opened before the pause still finishes...
     paused_at = _settled(lambda: fed()["current_round"])

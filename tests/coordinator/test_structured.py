@@ -17,8 +17,7 @@ from sparse_kernels import decode
 from sparse_kernels.reshape import apply_reshape, decode_reshape, encode_reshape
 from strategies.base import RoundContext
 from strategies.structured import StructuredPruning, step_targets
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
+from tests.helpers import ADMIN
 
 
 @pytest.mark.parametrize("name", ["fedavg_cnn", "lenet5", "resnet20", "vgg11_bn"])

@@ -15,8 +15,8 @@ from coordinator.protocol import StrategySpec, Task, TrainingConfig
 from models import build_model
 from models.state import to_numpy_state
 from strategies import LocalHooks, RoundContext, hooks_for
+from tests.helpers import ADMIN, wait_for
 
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
 Weights = dict[str, np.ndarray]
 
 
@@ -45,13 +45,6 @@ def task_for(strategy: str, params: dict[str, Any], *, rnd: int = 1, model: str 
 def task_hooks(task: Task, model: torch.nn.Module, weights: Weights, data: Any) -> LocalHooks:
     """The agent half's hooks for `task`, as `edge_agent.local.run_task` gets them."""
     return hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 class Helpers:

@@ -35,8 +35,7 @@ from strategies import STRATEGIES, build_strategy
 from strategies.base import AUX_PREFIX, RoundContext
 from strategies.dynamic.common import stat_key
 from strategies.dynamic.server import DynamicPruning, aux_shapes_for
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
+from tests.helpers import ADMIN
 
 
 def _float_keys(model: nn.Module) -> set[str]:
