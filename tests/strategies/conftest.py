@@ -7,17 +7,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 from coordinator.protocol import StrategySpec, Task, TrainingConfig
 from models import build_model
 from models.state import to_numpy_state
+from sparse_kernels import Weights
 from strategies import LocalHooks, RoundContext, hooks_for
 from tests.helpers import ADMIN, wait_for
-
-Weights = dict[str, np.ndarray]
 
 
 @pytest.fixture(autouse=True)
