@@ -4,7 +4,8 @@
 
 Each update is a 10%-density per-tensor top-k ResNet-32 delta, fp16 values, encoded
 once up front (a pool of distinct updates, cycled). updates_per_s times
-`SparseAccumulator.fold_bytes` (wall clock; updates_per_s_cpu: process CPU time) (decode with shape checks + fold), best of a few runs.
+`SparseAccumulator.fold_bytes` (wall clock; updates_per_s_cpu: process CPU time) (decode with shape checks +
+fold), best of a few runs.
 Peak memory is tracemalloc's peak of what numpy and Python allocate while folding
 N updates (accumulator included); it should be flat in N.
 """

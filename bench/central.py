@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.central", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="fedavg_cnn", choices=MODEL_NAMES)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory (default: $FEDSLIM_FASHION_MNIST_DIR or the Debian package's)")
+    parser.add_argument("--data-dir", default=None,
+                        help="Fashion-MNIST IDX directory (default: $FEDSLIM_FASHION_MNIST_DIR or the Debian package's)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a summary")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_agent.export.report import build_report
-from edge_agent.pruning.structured import prune_channels
 from models.datasets import make_synthetic
 from models.transforms import to_tensor
 from models.zoo import build_model
+from pruning.export.report import build_report
+from pruning.structured import prune_channels
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export.json"
 TARGET_MACS_REDUCTION, TARGET_LATENCY_GAIN_BS64 = 2.0, 1.6

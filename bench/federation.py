@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Any] = {}
     for name in args.strategies.split(","):
         out = Path(args.out) / name
-        cmd = [sys.executable, "-m", "coordinator.demo", "--out", str(out), "--strategy", name, "--agents", str(args.agents),
+        cmd = [sys.executable, "-m", "sim.demo", "--out", str(out), "--strategy", name, "--agents", str(args.agents),
                "--rounds", str(args.rounds), "--alpha", str(args.alpha), "--seed", str(args.seed), "--quiet", *args.extra.split()]
         print(f"==> {name}: {' '.join(cmd[3:])}", flush=True)
         subprocess.run(cmd, check=True)

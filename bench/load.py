@@ -94,10 +94,8 @@ def make_update(shapes: dict[str, tuple[int, ...]], meta: DeltaMeta, seed: tuple
     tensors = []
     for name, shape in shapes.items():
         n = math.prod(shape)
-        if n < SMALL_TENSOR:
-            idx = np.arange(n)
-        else:
-            idx = np.sort(rng.choice(n, max(1, round(UPLOAD_DENSITY * n)), replace=False))
+        dense = n < SMALL_TENSOR
+        idx = np.arange(n) if dense else np.sort(rng.choice(n, max(1, round(UPLOAD_DENSITY * n)), replace=False))
         mag = 1e-3 * (1.0 + np.abs(rng.standard_normal(idx.size)))  # never 0, like a top-k
         tensors.append(SparseTensor(name, shape, idx, np.where(rng.random(idx.size) < 0.5, -mag, mag)))
     return encode(ModelDelta(meta, tuple(tensors)), values="fp16")

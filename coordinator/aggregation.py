@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.protocol import AggregationSpec
-from coordinator.strategies.base import AUX_PREFIX, Weights
 from sparse_kernels import ModelDelta, SparseAccumulator, SparseTensor
 from sparse_kernels.robust import clip_delta, coordinate_median, trimmed_mean
+from strategies.base import AUX_PREFIX, Weights
 
 __all__ = ["RoundUpdates", "clip_bound", "update_weight"]
 

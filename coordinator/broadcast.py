@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.protocol import ValueEncoding
-from coordinator.strategies.base import RoundResult, Weights
 from sparse_kernels import (
     SMALL_TENSOR,
     DeltaMeta,
@@ -19,8 +18,9 @@ from sparse_kernels import (
     decode,
     encode,
 )
-from sparse_kernels.patch import apply_delta
+from sparse_kernels.patch import apply_delta, round_for_broadcast
 from sparse_kernels.reshape import apply_reshape, encode_reshape
+from strategies.base import RoundResult, Weights
 
 __all__ = ["RESIDUAL_PREFIX", "Broadcast", "make_broadcast", "round_for_broadcast"]
 
@@ -33,13 +33,6 @@ class Broadcast:
     patch: bytes | None  # codec delta from the previous version; None: full download
     reshape: bytes | None  # kept channels (JSON) when the structure changed
     residual: dict[str, np.ndarray]  # "residual/<name>" arrays for the next round
-
-
-def round_for_broadcast(weights: Weights, values: str) -> Weights:
-    """Full models travel as fp16 when the federation's broadcast is lossy anyway."""
-    if values == "fp32":
-        return weights
-    return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
 
 
 def make_broadcast(fid: str, version: int, old: Weights, state: dict[str, np.ndarray], result: RoundResult,

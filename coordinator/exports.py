@@ -33,7 +33,7 @@ class ExportCache:
         return onnx_path, json.loads(report_path.read_text())
 
     def _build(self, cfg: FederationCreate, weights: dict[str, np.ndarray], onnx_path: Path, report_path: Path) -> None:
-        from edge_agent.export import build_report  # heavy (onnx, onnxruntime): on demand
+        from pruning.export import build_report  # heavy (onnx, onnxruntime): on demand
 
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         data = self.evaluator.test_data(cfg)

@@ -117,7 +117,8 @@ class FederationCreate(_Strict):
     # rest is carried in a server residual); 1.0 sends every change exactly.
     download_density: float = Field(1.0, gt=0, le=1)
     download_values: ValueEncoding = "fp32"
-    memory_budget_mb: float | None = Field(None, gt=0, le=2**30)
+    memory_budget_mb: float | None = Field(None, gt=0, le=2**30,
+                                           description="agents' training working-set budget in MiB (2^20 bytes)")
     # Uploads whose L2 norm exceeds this are rejected (a cheap defence against blow-ups).
     max_update_norm: float | None = Field(None, gt=0, le=1e9)
     aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec())

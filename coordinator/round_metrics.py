@@ -8,13 +8,10 @@ from typing import Any
 import numpy as np
 
 from coordinator.store import UpdateRow
-from coordinator.strategies.base import Weights
+from models.state import is_bn_stat
+from strategies.base import Weights
 
-__all__ = ["is_bn_stat", "round_metrics", "weight_density"]
-
-
-def is_bn_stat(name: str) -> bool:
-    return name.endswith(("running_mean", "running_var"))
+__all__ = ["round_metrics", "weight_density"]
 
 
 def weight_density(weights: Weights) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import threading
 import time
@@ -49,17 +48,18 @@ from coordinator.protocol import FederationCreate, FederationStatus, Task, Updat
 from coordinator.round_metrics import round_metrics
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow
-from coordinator.strategies import RoundContext, Strategy, Weights, build_strategy
-from coordinator.strategies.base import AUX_PREFIX
 from coordinator.tasks import OpenRound, TaskBoard
-from sparse_kernels import CodecError, ModelDelta, decode
+from sparse_kernels import MAX_MODEL_BYTES, CodecError, ModelDelta, decode
+from sparse_kernels.npz import arrays_from_npz as _from_npz
+from sparse_kernels.npz import arrays_to_npz as _npz
 from sparse_kernels.patch import encode_model
 from sparse_kernels.robust import delta_norm
+from strategies import AUX_PREFIX, RoundContext, Strategy, Weights, build_strategy
 
 __all__ = ["CoordinatorService"]
 
 log = logging.getLogger("fedslim.coordinator")
-MAX_MODEL_BLOB = 1 << 34  # stored full models: written by us, read back without a smaller cap
+MAX_MODEL_BLOB = MAX_MODEL_BYTES  # stored full models: written by us, read back without a smaller cap
 _ACTIVE = ("running", "paused")
 
 
@@ -618,14 +618,3 @@ def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:
     if any(not k.startswith(AUX_PREFIX) for k in aux):
         raise ValueError(f"auxiliary upload names must start with {AUX_PREFIX!r}: {sorted(aux)[:3]}")
     return {**{k: v.shape for k, v in live.weights.items()}, **aux}
-
-
-def _npz(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{k.replace("/", "|"): v for k, v in arrays.items()})  # type: ignore[arg-type]
-    return buf.getvalue()
-
-
-def _from_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k.replace("|", "/"): z[k] for k in z.files}

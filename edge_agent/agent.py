@@ -17,14 +17,14 @@ from coordinator.protocol import Task
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
 from edge_agent.local import BudgetExceeded, initial_weights, run_task
 from models import ImageDataset
-from sparse_kernels import CodecError, ErrorFeedback, decode
+from sparse_kernels import MAX_MODEL_BYTES, CodecError, ErrorFeedback, Weights, decode
+from sparse_kernels.npz import escape_key, unescape_key
 from sparse_kernels.patch import apply_delta, encode_model
 from sparse_kernels.reshape import apply_reshape, decode_reshape
 
 __all__ = ["MAX_ABS_WEIGHT", "AgentState", "EdgeAgent", "UnsafeModel", "check_model"]
 
 log = logging.getLogger("fedslim.agent")
-Weights = dict[str, np.ndarray]
 _MAX_PATCH_CHAIN = 4  # further behind than this, a full download is cheaper
 # No trained network of the zoo's kind comes near this; a global model past it was
 # poisoned or diverged, and training from it would only spread NaNs.
@@ -69,11 +69,11 @@ class AgentState:
             return None
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["__meta__"]))
-            return meta, {k.replace("|", "/"): z[k] for k in z.files if k != "__meta__"}
+            return meta, {unescape_key(k): z[k] for k in z.files if k != "__meta__"}
 
     def save_arrays(self, name: str, meta: dict[str, object], arrays: Weights) -> None:
         tmp = self.root / f"{name}.tmp.npz"
-        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **{k.replace("/", "|"): v for k, v in arrays.items()})  # type: ignore[arg-type]
+        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **{escape_key(k): v for k, v in arrays.items()})  # type: ignore[arg-type]
         tmp.replace(self.root / f"{name}.npz")
 
 
@@ -111,7 +111,7 @@ class EdgeAgent:
                 return self._remember(federation_id, version, weights)
             except (CoordinatorRefused, KeyError, CodecError) as exc:  # no patch (structure changed): full download
                 log.info("patch path unavailable (%s); downloading the full model", exc)
-        full = decode(self.client.download_model(federation_id, version), max_bytes=1 << 34)
+        full = decode(self.client.download_model(federation_id, version), max_bytes=MAX_MODEL_BYTES)
         return self._remember(federation_id, version, full.to_dense())
 
     def _remember(self, federation_id: str, version: int, weights: Weights) -> Weights:

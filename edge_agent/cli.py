@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--state-dir", default="fedslim-agent")
         p.add_argument("--enrollment-token", default=None)
         p.add_argument("--name", default=platform.node().replace(" ", "-") or "agent")
-        p.add_argument("--memory-budget", default=None, help="training working-set budget, e.g. 256MB")
+        p.add_argument("--memory-budget", default=None,
+                       help="training working-set budget, e.g. 256MB; every prefix is binary: 256MB = 256MiB = 256·2^20 bytes")
     run = sub.choices["run"]
     run.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "cifar10", "synthetic"])
     run.add_argument("--data-dir", default=None)

@@ -4,7 +4,6 @@ memory, train, and return the compressed delta with a report. No HTTP here."""
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 import time
@@ -15,15 +14,24 @@ import torch
 
 from coordinator.protocol import Task, UpdateReport
 from edge_agent.budget import BudgetExceeded, PeakMemoryMeter, plan_training, trim_heap
-from edge_agent.strategy_hooks import hooks_for
 from models import ImageDataset, train_epochs
 from models.state import build_from_state, seeded_weights, to_numpy_state
 from models.training import TrainStats, iterate_batches
-from sparse_kernels import SMALL_TENSOR, DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
+from sparse_kernels import (
+    SMALL_TENSOR,
+    DeltaMeta,
+    ErrorFeedback,
+    ModelDelta,
+    SparseTensor,
+    Weights,
+    encode,
+)
+from sparse_kernels.patch import round_for_broadcast
+from strategies.base import RoundContext
+from strategies.registry import agent_half, hooks_for
 
 __all__ = ["BudgetExceeded", "LocalResult", "default_threads", "initial_weights", "run_task", "warm_up"]
 
-Weights = dict[str, np.ndarray]
 log = logging.getLogger("fedslim.agent")
 
 
@@ -43,16 +51,14 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
     if budget is None and task.memory_budget_mb:
         budget = int(task.memory_budget_mb * 2**20)
     batch_size, planned = cfg.batch_size, 0
-    frozen: tuple[str, ...] = ()
     if budget is not None:
         plan = plan_training(model, data.input_shape, budget, preferred_batch=cfg.batch_size,
                              optimizer="sgd_momentum" if cfg.momentum else "sgd")
-        batch_size, planned, frozen = plan.batch_size, plan.estimate.total, plan.frozen
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
+        batch_size, planned = plan.batch_size, plan.estimate.total
+        plan.apply(model)  # freezes what the plan froze (requires_grad off)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    hooks = hooks_for(task, model, weights, data)
+    hooks = hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
     if hooks.train:
         warm_up(model, data)
     start = time.perf_counter()
@@ -108,26 +114,23 @@ def initial_weights(task: Task) -> Weights:
     weights = seeded_weights(task.model, task.seed, in_channels=task.in_channels, num_classes=task.num_classes,
                              image_size=task.image_size)
     weights = _strategy_initial(task, weights)
-    if task.download_values != "fp32":  # the coordinator rounds lossy federations' models
-        weights = {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
-    return weights
+    return round_for_broadcast(weights, task.download_values)  # as the coordinator rounds it
 
 
 def _strategy_initial(task: Task, weights: Weights) -> Weights:
-    # The strategies are pure functions of the weights and their constructor params; the
-    # task's params are those plus per-round extras, which the constructor does not take.
-    from coordinator.strategies import STRATEGIES, RoundContext, Strategy
-
-    cls = STRATEGIES.get(task.strategy.name)
-    if cls is None or cls.initial_weights is Strategy.initial_weights:
-        return weights
-    accepted = inspect.signature(cls).parameters
+    # The agent half rebuilds the server half's round-0 transform from the task's params
+    # (the constructor params plus per-round extras); nothing of the server is imported.
     try:
-        strategy = cls(**{k: v for k, v in task.strategy.params.items() if k in accepted})
+        half = agent_half(task.strategy.name)
+    except ValueError:  # a strategy this agent does not know: the download is the fallback
+        return weights
+    if half is None or half.initial_weights is None:
+        return weights
+    try:
         ctx = RoundContext(0, 1, task.model, task.in_channels, task.num_classes, task.image_size, 0)
-        return strategy.initial_weights(weights, ctx)
+        return half.initial_weights(task.strategy.params, weights, ctx)
     except (ValueError, TypeError, KeyError) as exc:  # the download is the fallback
-        log.warning("cannot rebuild the %s initial model locally (%s); downloading it", cls.name, exc)
+        log.warning("cannot rebuild the %s initial model locally (%s); downloading it", task.strategy.name, exc)
         return weights
 
 

@@ -32,7 +32,8 @@ __all__ = [
 ]
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
+               0x0E: np.dtype(">f8")}
 
 
 class DatasetError(ValueError):
@@ -115,7 +116,8 @@ def _find(root: Path, stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
-    raise DatasetError(f"{root / stem}(.gz): file not found (install the Debian package dataset-fashion-mnist or pass the data directory)")
+    raise DatasetError(f"{root / stem}(.gz): file not found "
+                       "(install the Debian package dataset-fashion-mnist or pass the data directory)")
 
 
 def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> ImageDataset:

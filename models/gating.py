@@ -23,7 +23,6 @@ gate into the layer (the static approximation), for a structured export.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -44,7 +43,6 @@ __all__ = [
     "gated_widths",
     "mean_gate",
     "reset_gate_stats",
-    "static_keep_channels",
     "ungate",
 ]
 
@@ -284,28 +282,3 @@ def ungate(model: nn.Module, gates: Mapping[str, torch.Tensor | np.ndarray]) -> 
                 layer.conv.bias.mul_(g)
         setattr(parent, child_name, layer.conv)
     return model
-
-
-def static_keep_channels(
-    usage: torch.Tensor | dict[str, torch.Tensor], keep_fraction: float, *, round_to: int = 8
-) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Channels to keep in a static structured export: the most-used ones.
-
-    Per layer keeps n = ceil(keep_fraction·C / round_to)·round_to channels (at most C; the
-    SIMD-friendly widths of DESIGN.md), returned as sorted channel indices. Ties are
-    broken by lower index. Accepts one usage vector or a dict of them.
-    """
-    if isinstance(usage, dict):
-        return {n: _keep_one(u, keep_fraction, round_to) for n, u in usage.items()}
-    return _keep_one(usage, keep_fraction, round_to)
-
-
-def _keep_one(usage: torch.Tensor, keep_fraction: float, round_to: int) -> torch.Tensor:
-    if not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    c = usage.numel()
-    step = max(1, round_to)
-    n = min(c, math.ceil(keep_fraction * c / step - 1e-9) * step)
-    # Stable ordering: sort by usage descending, index ascending among equals.
-    order = torch.argsort(-usage.double(), stable=True)
-    return torch.sort(order[:n]).values

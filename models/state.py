@@ -13,12 +13,28 @@ import torch
 from torch import nn
 
 from models.gating import GATE_KEY, gate_as
+from sparse_kernels.types import Weights
 
-__all__ = ["build_from_state", "load_numpy_state", "seeded_rng", "seeded_weights", "to_numpy_state"]
+__all__ = [
+    "BN_STAT_SUFFIXES",
+    "Weights",
+    "build_from_state",
+    "is_bn_stat",
+    "load_numpy_state",
+    "seeded_rng",
+    "seeded_weights",
+    "to_numpy_state",
+]
 
 _SEED_LOCK = threading.Lock()
 
-Weights = dict[str, np.ndarray]
+# BatchNorm's running statistics: state, not parameters (estimated, never trained; the
+# FedTiny setup rounds average them; the `params` metric leaves them out).
+BN_STAT_SUFFIXES: tuple[str, str] = ("running_mean", "running_var")
+
+
+def is_bn_stat(name: str) -> bool:
+    return name.endswith(BN_STAT_SUFFIXES)
 
 
 def to_numpy_state(model: nn.Module) -> Weights:

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "==> ruff"; .venv/bin/ruff check coordinator edge_agent sparse_kernels models bench tests
+echo "==> ruff"; .venv/bin/ruff check models sparse_kernels pruning strategies coordinator edge_agent sim bench tests docs
 echo "==> mypy"; .venv/bin/mypy
 echo "==> pytest"; exec .venv/bin/python -m pytest -q "$@"

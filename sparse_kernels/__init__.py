@@ -2,7 +2,7 @@
 streaming sparse aggregation. Imports numpy only (never torch, coordinator, edge_agent
 or models)."""
 
-from sparse_kernels.aggregate import ServerMomentum, SparseAccumulator
+from sparse_kernels.aggregate import SparseAccumulator
 from sparse_kernels.codec import FORMAT_VERSION, decode, encode, peek_meta, quantize_values
 from sparse_kernels.errors import (
     BadMagic,
@@ -16,13 +16,14 @@ from sparse_kernels.errors import (
     TruncatedPayload,
     UnsupportedVersion,
 )
-from sparse_kernels.patch import apply_delta, encode_model, model_values
+from sparse_kernels.patch import apply_delta, encode_model, model_values, round_for_broadcast
 from sparse_kernels.reshape import Reshape, apply_reshape, decode_reshape, encode_reshape
 from sparse_kernels.select import SMALL_TENSOR, ErrorFeedback, select_topk, topk_mask
-from sparse_kernels.types import DeltaMeta, ModelDelta, SparseTensor
+from sparse_kernels.types import MAX_MODEL_BYTES, DeltaMeta, ModelDelta, SparseTensor, Weights
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_MODEL_BYTES",
     "SMALL_TENSOR",
     "BadMagic",
     "ChecksumMismatch",
@@ -35,11 +36,11 @@ __all__ = [
     "ModelDelta",
     "Reshape",
     "NonFiniteValues",
-    "ServerMomentum",
     "ShapeMismatch",
     "SparseAccumulator",
     "SparseTensor",
     "TruncatedPayload",
+    "Weights",
     "UnsupportedVersion",
     "apply_delta",
     "apply_reshape",
@@ -51,6 +52,7 @@ __all__ = [
     "model_values",
     "peek_meta",
     "quantize_values",
+    "round_for_broadcast",
     "select_topk",
     "topk_mask",
 ]

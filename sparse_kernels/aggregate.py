@@ -22,7 +22,7 @@ from sparse_kernels.codec import decode
 from sparse_kernels.errors import MalformedPayload, NonFiniteValues, ShapeMismatch
 from sparse_kernels.types import ModelDelta
 
-__all__ = ["ServerMomentum", "SparseAccumulator"]
+__all__ = ["SparseAccumulator"]
 
 Fill = Literal["senders", "zero"]
 
@@ -147,30 +147,3 @@ class SparseAccumulator:
         acc._count = int(state["meta/count"])
         acc._total_weight = float(state["meta/total_weight"])
         return acc
-
-
-class ServerMomentum:
-    """FedAvgM (Hsu et al. 2019): v <- beta * v + mean_delta; step = lr * v."""
-
-    def __init__(self, *, beta: float = 0.9, lr: float = 1.0) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
-        self.beta = beta
-        self.lr = lr
-        self._v: dict[str, np.ndarray] = {}
-
-    def step(self, mean_delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
-        for name, d in mean_delta.items():
-            d32 = np.asarray(d, dtype=np.float32)
-            v = self._v.get(name)
-            v = d32.copy() if v is None or v.shape != d32.shape else self.beta * v + d32
-            self._v[name] = v.astype(np.float32, copy=False)
-            out[name] = (self.lr * v).astype(np.float32, copy=False)
-        return out
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: v.copy() for name, v in self._v.items()}
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        self._v = {n: np.asarray(v, dtype=np.float32).copy() for n, v in state.items()}

@@ -12,9 +12,9 @@ from typing import Literal
 import numpy as np
 
 from sparse_kernels.codec import encode
-from sparse_kernels.types import DeltaMeta, ModelDelta
+from sparse_kernels.types import DeltaMeta, ModelDelta, Weights
 
-__all__ = ["apply_delta", "encode_model", "model_values"]
+__all__ = ["apply_delta", "encode_model", "model_values", "round_for_broadcast"]
 
 
 def apply_delta(weights: MutableMapping[str, np.ndarray], delta: ModelDelta) -> None:
@@ -39,3 +39,12 @@ def encode_model(federation_id: str, version: int, weights: Mapping[str, np.ndar
     an agent that rebuilt the same weights locally gets the same sha256."""
     meta = DeltaMeta(federation_id=federation_id, round=version, base_version=version, num_samples=0, kind="model")
     return encode(ModelDelta.from_dense(weights, meta), values=model_values(weights))
+
+
+def round_for_broadcast(weights: Mapping[str, np.ndarray], values: str) -> Weights:
+    """A full model as lossy federations broadcast it: through fp16 and back unless
+    `values` is "fp32". The coordinator rounds what it stores and an agent that rebuilds
+    the initial model locally rounds the same way, so both get bit-identical weights."""
+    if values == "fp32":
+        return dict(weights)
+    return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}

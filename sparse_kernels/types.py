@@ -17,7 +17,15 @@ import numpy as np
 
 from sparse_kernels.errors import MalformedIndices, NonFiniteValues
 
-__all__ = ["KINDS", "DeltaMeta", "ModelDelta", "SparseTensor"]
+__all__ = ["KINDS", "MAX_MODEL_BYTES", "DeltaMeta", "ModelDelta", "SparseTensor", "Weights"]
+
+# Dense weights or any named arrays, keyed by state_dict name: the one declaration of the
+# alias every layer uses (models, strategies, coordinator, edge_agent).
+Weights = dict[str, np.ndarray]
+
+# Decode limit for full models that a process trusts (the coordinator's own blobs, a
+# model downloaded from the coordinator it enrolled with): 16 GiB.
+MAX_MODEL_BYTES = 1 << 34
 
 # "delta": local - base (an upload, or a download of what changed since a version);
 # "model": full weights (every entry, the coordinator's download);

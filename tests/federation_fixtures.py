@@ -20,8 +20,7 @@ from coordinator.settings import CoordinatorSettings
 from edge_agent.agent import AgentState, EdgeAgent
 from edge_agent.client import CoordinatorClient
 from models import make_synthetic
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
+from tests.helpers import ADMIN, ENROLL
 
 
 @pytest.fixture
@@ -57,7 +56,7 @@ def make_agent(coordinator: TestClient, tmp_path: Path) -> Callable[[int], EdgeA
 
     def make(i: int) -> EdgeAgent:
         client = CoordinatorClient(coordinator, max_tries=2, backoff_s=0.01)
-        client.enroll("dev-enroll-token", name=f"agent-{i}")
+        client.enroll(ENROLL, name=f"agent-{i}")
         return EdgeAgent(client, data.subset(np.arange(i * 200, (i + 1) * 200)), AgentState(tmp_path / f"agent-{i}"))
 
     return make

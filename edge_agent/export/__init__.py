@@ -1,23 +1,6 @@
-"""Structured-pruned ONNX export: checkpoints, export + verification, reports, int8.
+"""`fedslim-agent export`: the command line over `pruning.export` (checkpoint → optional
+channel pruning → verified ONNX + report)."""
 
-Imports torch; the torch-free inference path is `edge_agent.infer`.
-"""
-
-from edge_agent.export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from edge_agent.export.cli import export_main
-from edge_agent.export.onnx_export import ExportError, ExportResult, export_onnx, make_session
-from edge_agent.export.report import ExportReport, build_report, measure_interleaved
 
-__all__ = [
-    "CheckpointError",
-    "ExportError",
-    "ExportReport",
-    "ExportResult",
-    "build_report",
-    "export_main",
-    "export_onnx",
-    "load_checkpoint",
-    "make_session",
-    "measure_interleaved",
-    "save_checkpoint",
-]
+__all__ = ["export_main"]

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_agent.export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from edge_agent.export.onnx_export import EXPORTERS, ExportError
-from edge_agent.export.report import build_report
-from edge_agent.pruning.structured import IMPORTANCES, prune_channels
 from models.datasets import DatasetError, ImageDataset, load_dataset
 from models.structure import structure_of
 from models.transforms import to_tensor
 from models.zoo import build_model
+from pruning.export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pruning.export.onnx_export import EXPORTERS, ExportError
+from pruning.export.report import build_report
+from pruning.structured import IMPORTANCES, prune_channels
 
 __all__ = ["build_parser", "export_main"]
 

@@ -26,8 +26,8 @@ from fastapi.testclient import TestClient
 from coordinator.protocol import REPORT_HEADER
 from sparse_kernels import DeltaMeta, ModelDelta, SparseTensor, decode, encode
 from sparse_kernels.fuzz import reframe
-from tests.federation_fixtures import ADMIN, small_federation
-from tests.integration.test_processes import Cluster
+from tests.federation_fixtures import small_federation
+from tests.helpers import ADMIN, Cluster
 
 Weights = dict[str, np.ndarray]
 

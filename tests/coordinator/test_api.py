@@ -15,15 +15,7 @@ from coordinator.protocol import REPORT_HEADER, UpdateReport
 from edge_agent.agent import EdgeAgent
 from edge_agent.local import run_task
 from sparse_kernels import DeltaMeta, ErrorFeedback, ModelDelta, SparseTensor, encode
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
+from tests.helpers import ADMIN, ENROLL, wait_for
 
 
 @pytest.mark.parametrize(
@@ -39,7 +31,8 @@ def test_admin_endpoints_refuse_missing_or_wrong_tokens(coordinator: TestClient,
     assert coordinator.post("/v1/federations", json={}, headers=headers).status_code == status
 
 
-def test_agent_token_cannot_use_admin_endpoints(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+def test_agent_token_cannot_use_admin_endpoints(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
+                                                start_federation: Callable[..., str]) -> None:
     agent = make_agent(0)
     resp = coordinator.get("/v1/federations", headers={"Authorization": f"Bearer {agent.client.token}"})
     assert resp.status_code == 403
@@ -47,12 +40,13 @@ def test_agent_token_cannot_use_admin_endpoints(coordinator: TestClient, make_ag
 
 def test_enrollment_needs_the_enrollment_token(coordinator: TestClient) -> None:
     bad = coordinator.post("/v1/agents/enroll", json={"enrollment_token": "guess", "name": "x"})
-    good = coordinator.post("/v1/agents/enroll", json={"enrollment_token": "dev-enroll-token", "name": "x"})
+    good = coordinator.post("/v1/agents/enroll", json={"enrollment_token": ENROLL, "name": "x"})
     assert bad.status_code == 401
     assert good.status_code == 201 and len(good.json()["agent_token"]) >= 32
 
 
-def test_agent_tokens_are_stored_hashed(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+def test_agent_tokens_are_stored_hashed(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
+                                        start_federation: Callable[..., str]) -> None:
     token = make_agent(0).client.token
     db = coordinator.app.state.service.settings.db_url.removeprefix("sqlite:///")  # type: ignore[attr-defined]
     assert token and token.encode() not in Path(db).read_bytes()
@@ -82,7 +76,8 @@ def _task_and_weights(agent: EdgeAgent) -> tuple:
     return task, agent.sync_model(task.federation_id, task.model_version)
 
 
-def test_reupload_is_idempotent_and_counted_once(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+def test_reupload_is_idempotent_and_counted_once(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
+                                                 start_federation: Callable[..., str]) -> None:
     a0, a1 = make_agent(0), make_agent(1)
     fid = start_federation(rounds=1)
     task, weights = _task_and_weights(a0)
@@ -92,18 +87,19 @@ def test_reupload_is_idempotent_and_counted_once(coordinator: TestClient, make_a
     assert first.accepted and not first.duplicate
     assert again.accepted and again.duplicate
     a1.run(max_tasks=1, poll_s=2)
-    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
+    wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
     [metrics] = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
     assert metrics["participants"] == 2
     assert metrics["bytes_up"] == len(result.body) + a1.client.bytes_up  # the retry counted once
 
 
-def test_late_upload_after_close_is_409_and_changes_nothing(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+def test_late_upload_after_close_is_409_and_changes_nothing(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
+                                                            start_federation: Callable[..., str]) -> None:
     a0, a1 = make_agent(0), make_agent(1)
     fid = start_federation(rounds=2, min_clients=1, clients_per_round=2, round_deadline_s=1.5)
     task, weights = _task_and_weights(a1)  # a1 takes the task but is too slow
     a0.run(max_tasks=1, poll_s=2)
-    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["current_round"] == 1)
+    wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["current_round"] == 1)
     before = coordinator.get(f"/v1/federations/{fid}/model", headers=ADMIN).content
     result = run_task(task, weights, a1.data, ErrorFeedback())
     resp = coordinator.put(f"/v1/federations/{fid}/rounds/{task.round}/update", content=result.body,
@@ -143,9 +139,12 @@ def test_rejected_uploads_leave_the_round_untouched(
     bodies = {
         "garbage": b"\x00" * 100,
         "truncated": good.body[: len(good.body) // 2],
-        "wrong_shape": encode(ModelDelta(meta, (SparseTensor.from_dense(name, np.zeros(arr.size + 1, np.float32)),)), values="fp32"),
-        "norm": encode(ModelDelta(meta, (SparseTensor(name, arr.shape, np.array([0]), np.array([1e6], np.float32)),)), values="fp32"),
-        "wrong_round": encode(ModelDelta(DeltaMeta(federation_id=fid, round=7, base_version=0, num_samples=10), ()), values="fp32"),
+        "wrong_shape": encode(ModelDelta(meta, (SparseTensor.from_dense(name, np.zeros(arr.size + 1, np.float32)),)),
+                              values="fp32"),
+        "norm": encode(ModelDelta(meta, (SparseTensor(name, arr.shape, np.array([0]), np.array([1e6], np.float32)),)),
+                       values="fp32"),
+        "wrong_round": encode(ModelDelta(DeltaMeta(federation_id=fid, round=7, base_version=0, num_samples=10), ()),
+                              values="fp32"),
         "bad_report": good.body,
     }
     report = '{"num_samples": -1}' if case == "bad_report" else None
@@ -153,19 +152,21 @@ def test_rejected_uploads_leave_the_round_untouched(
     # the agent can still upload its real update, and the round closes with both
     assert a0.client.upload_update(fid, task.round, good.body, good.report).accepted
     a1.run(max_tasks=1, poll_s=2)
-    _wait(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
+    wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "completed")
     [metrics] = coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()
     assert metrics["participants"] == 2 and np.isfinite(metrics["loss"])
 
 
-def test_oversized_upload_is_413(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+def test_oversized_upload_is_413(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
+                                 start_federation: Callable[..., str]) -> None:
     a0 = make_agent(0)
     fid = start_federation(rounds=1)
     coordinator.app.state.service.settings.max_upload_bytes = 1000  # type: ignore[attr-defined]
     assert _put(coordinator, a0, fid, 1, b"\x00" * 5000) == 413
 
 
-def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
+                                                     start_federation: Callable[..., str]) -> None:
     agents = [make_agent(0), make_agent(1)]
     fid = start_federation(rounds=3)
 
@@ -180,7 +181,7 @@ def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, ma
             t.join()
 
     work()
-    _wait(lambda: fed()["current_round"] == 1)
+    wait_for(lambda: fed()["current_round"] == 1)
     assert coordinator.post(f"/v1/federations/{fid}/pause", headers=ADMIN).json()["status"] == "paused"
     work()  # a round opened before the pause still finishes...
     paused_at = _settled(lambda: fed()["current_round"])
@@ -193,7 +194,8 @@ def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, ma
     assert [m["round"] for m in coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()] == [1, 2, 3]
 
 
-def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str],
+def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
+                                                           start_federation: Callable[..., str],
         run_federation: Callable[..., list]) -> None:
     a0, a1 = make_agent(0), make_agent(1)
     fid = start_federation(rounds=3, download_density=0.2, download_values="fp16",
@@ -212,7 +214,8 @@ def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClie
         np.testing.assert_array_equal(agent_weights[k], v)
 
 
-def test_coordinator_serves_the_verified_onnx_export(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str],
+def test_coordinator_serves_the_verified_onnx_export(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
+                                                     start_federation: Callable[..., str],
         run_federation: Callable[..., list]) -> None:
     import onnxruntime as ort
 

@@ -63,7 +63,8 @@ class N { constructor() { this.children = []; }
   get textContent() { return this.children.map(c => c.textContent).join(''); }
   set textContent(t) { this.children = [new T(String(t))]; } }
 class T extends N { constructor(t) { super(); this.data = t; } get textContent() { return this.data; } }
-class E extends N { constructor(tag) { super(); this.tag = tag; this.attrs = {}; this.on = {}; this.value = ''; created.push(tag); }
+class E extends N {
+  constructor(tag) { super(); this.tag = tag; this.attrs = {}; this.on = {}; this.value = ''; created.push(tag); }
   setAttribute(k, v) { if (/^on/i.test(k) || k === 'style') throw new Error('attribute ' + k); this.attrs[k] = v; }
   addEventListener(type, f) { this.on[type] = f; }
   set innerHTML(_) { throw new Error('innerHTML'); } set outerHTML(_) { throw new Error('outerHTML'); }

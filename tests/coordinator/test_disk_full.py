@@ -26,7 +26,8 @@ from tests.coordinator.test_aggregation_oracle import (
     _wait_task,
     _wait_version,
 )
-from tests.federation_fixtures import ADMIN, small_federation
+from tests.federation_fixtures import small_federation
+from tests.helpers import ADMIN
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from coordinator.protocol import REPORT_HEADER
 from sparse_kernels import DeltaMeta, ModelDelta, SparseTensor, decode, encode
 from sparse_kernels.fuzz import reframe
 from tests.coordinator.test_aggregation_oracle import _enroll, _wait_version
-from tests.federation_fixtures import ADMIN, small_federation
+from tests.federation_fixtures import small_federation
+from tests.helpers import ADMIN
 
 REPORT = {"num_samples": 10, "train_loss": 0.5, "train_accuracy": 0.5, "train_seconds": 1.0}
 

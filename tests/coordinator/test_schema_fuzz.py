@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
 from tests.federation_fixtures import small_federation
-from tests.integration.test_processes import ADMIN, ENROLL, Cluster
+from tests.helpers import PROCESS_ADMIN_TOKEN as ADMIN
+from tests.helpers import PROCESS_ENROLL_TOKEN as ENROLL
+from tests.helpers import Cluster
 
 _AGENT_PATHS = ("/v1/tasks", "/update", "/model", "/patch", "/reshape")
 

@@ -10,15 +10,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from coordinator.strategies.base import RoundContext
-from coordinator.strategies.structured import StructuredPruning, step_targets
 from edge_agent.agent import EdgeAgent
 from models import build_model, count_macs
 from models.state import build_from_state, to_numpy_state
 from sparse_kernels import decode
 from sparse_kernels.reshape import apply_reshape, decode_reshape, encode_reshape
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
+from strategies.base import RoundContext
+from strategies.structured import StructuredPruning, step_targets
+from tests.helpers import ADMIN
 
 
 @pytest.mark.parametrize("name", ["fedavg_cnn", "lenet5", "resnet20", "vgg11_bn"])

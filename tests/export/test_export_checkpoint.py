@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.export import CheckpointError, load_checkpoint, save_checkpoint
-from edge_agent.pruning.structured import prune_channels
 from models import build_model
 from models.structure import structure_of
+from pruning.export import CheckpointError, load_checkpoint, save_checkpoint
+from pruning.structured import prune_channels
 
 META = {"model": "resnet20", "in_channels": 1, "num_classes": 10, "image_size": 28, "dataset": "synthetic"}
 

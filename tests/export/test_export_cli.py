@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.export import export_main, load_checkpoint, save_checkpoint
-from edge_agent.export.report import _warnings
+from edge_agent.export import export_main
 from models import build_model
 from models.datasets import load_dataset
 from models.transforms import to_tensor
+from pruning.export import load_checkpoint, save_checkpoint
+from pruning.export.report import _warnings
 
 REPO = Path(__file__).resolve().parents[2]
 META = {"model": "lenet5", "in_channels": 1, "num_classes": 10, "image_size": 28, "dataset": "synthetic"}

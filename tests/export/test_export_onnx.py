@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from edge_agent.export import ExportError, export_onnx, make_session
-from edge_agent.pruning.structured import prune_channels
 from models import MODEL_NAMES, build_model
+from pruning.export import ExportError, export_onnx, make_session
+from pruning.structured import prune_channels
 
 
 def _check_exported(path, model, batch, result):

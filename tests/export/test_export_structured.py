@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from edge_agent.pruning.structured import channel_importance, macs_fraction, prune_channels
 from models import MODEL_NAMES, build_model, count_macs
 from models.structure import StructureError, reshape_to, structure_of
+from pruning.structured import channel_importance, macs_fraction, prune_channels
 
 SHAPE = (1, 28, 28)
 

@@ -6,88 +6,14 @@ restarted on the same SQLite file, and the agents reconnect by themselves.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-ADMIN = "test-admin-token-0123456789"
-ENROLL = "test-enroll-token-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Cluster:
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "FEDSLIM_ADMIN_TOKEN": ADMIN, "FEDSLIM_ENROLLMENT_TOKEN": ENROLL, "PYTHONUNBUFFERED": "1"}
-        self.coordinator: subprocess.Popen | None = None
-        self.agents: list[subprocess.Popen] = []
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
-
-    def start_coordinator(self) -> None:
-        log = open(self.root / "coordinator.log", "a")  # noqa: SIM115 (the process owns it)
-        self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "serve", "--port", str(self.port),
-             "--data-dir", str(self.root / "coord"), "--torch-threads", "1"],
-            env={**self.env, "FEDSLIM_TICK_S": "0.05"}, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            assert self.coordinator.poll() is None, (self.root / "coordinator.log").read_text()[-3000:]
-            try:
-                if self.http.get("/v1/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise AssertionError("coordinator did not start")
-
-    def start_agent(self, i: int, n: int) -> None:
-        log = open(self.root / f"agent-{i}.log", "a")  # noqa: SIM115
-        self.agents.append(subprocess.Popen(
-            [sys.executable, "-m", "edge_agent.cli", "run", "--url", self.url, "--state-dir", str(self.root / f"agent-{i}"),
-             "--name", f"agent-{i}", "--dataset", "synthetic", "--partition", "iid", "--client-index", str(i),
-             "--num-clients", str(n), "--threads", "1", "--poll", "2", "--idle-exit", "60"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT))
-        log.close()
-
-    def wait(self, cond, what: str, timeout: float = 120):  # type: ignore[no-untyped-def]
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                value = cond()
-                if value:
-                    return value
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        logs = "\n".join(p.name + ":\n" + p.read_text()[-1500:] for p in self.root.glob("*.log"))
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
-
-    def stop(self) -> None:
-        for p in [*self.agents, self.coordinator]:
-            if p is not None and p.poll() is None:
-                p.terminate()
-        for p in [*self.agents, self.coordinator]:
-            if p is not None:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        self.http.close()
+from tests.helpers import Cluster
 
 
 @pytest.fixture
@@ -129,7 +55,8 @@ def test_federation_over_http_survives_a_coordinator_kill(cluster: Cluster) -> N
     # round 1: agents rebuilt the seeded initial model (sha256-checked); later: patches
     assert rows[0]["bytes_down"] == 0 and all(r["bytes_down"] > 0 for r in rows[1:]), rows
     with sqlite3.connect(cluster.root / "coord" / "coordinator.db") as db:
-        closed = db.execute("SELECT round FROM rounds WHERE federation_id=? AND status='closed' ORDER BY round", (fid,)).fetchall()
+        closed = db.execute("SELECT round FROM rounds WHERE federation_id=? AND status='closed' ORDER BY round",
+                            (fid,)).fetchall()
         versions = db.execute("SELECT COUNT(*) FROM models WHERE federation_id=?", (fid,)).fetchone()[0]
     assert [r[0] for r in closed] == [1, 2, 3] and versions == 4
     # the agents did the work as separate OS processes, each seen by the coordinator

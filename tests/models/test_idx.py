@@ -143,7 +143,8 @@ def test_missing_file(tmp_path: Path) -> None:
     ],
 )
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
-def test_load_fashion_mnist_from_root(tmp_path: Path, split: str, prefix: str, gz: bool, make_fashion_dir: Callable[..., dict]) -> None:
+def test_load_fashion_mnist_from_root(tmp_path: Path, split: str, prefix: str, gz: bool, make_fashion_dir: Callable[...,
+                                      dict]) -> None:
     written = make_fashion_dir(tmp_path, gz=gz)
 
     data = load_fashion_mnist(tmp_path, split)
@@ -156,7 +157,8 @@ def test_load_fashion_mnist_from_root(tmp_path: Path, split: str, prefix: str, g
     assert data.num_classes == 10
 
 
-def test_env_var_chooses_the_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_fashion_dir: Callable[..., dict]) -> None:
+def test_env_var_chooses_the_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_fashion_dir: Callable[...,
+                                       dict]) -> None:
     written = make_fashion_dir(tmp_path / "env", n_train=7)
     monkeypatch.setenv("FEDSLIM_FASHION_MNIST_DIR", str(tmp_path / "env"))
 
@@ -175,7 +177,8 @@ def test_root_wins_over_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert len(data) == 9
 
 
-def test_default_directory_is_used_without_root_or_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_fashion_dir: Callable[..., dict]) -> None:
+def test_default_directory_is_used_without_root_or_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       make_fashion_dir: Callable[..., dict]) -> None:
     make_fashion_dir(tmp_path, n_train=4)
     monkeypatch.setattr(ds, "DEFAULT_FASHION_MNIST_DIR", str(tmp_path))
 
@@ -206,7 +209,8 @@ def test_count_mismatch_names_the_labels_file(tmp_path: Path, make_fashion_dir: 
         ("train-labels-idx1-ubyte", np.zeros((12, 1), dtype=np.uint8), "rank-1"),
     ],
 )
-def test_wrong_content_names_the_file(tmp_path: Path, stem: str, array: np.ndarray, reason: str, make_fashion_dir: Callable[..., dict]) -> None:
+def test_wrong_content_names_the_file(tmp_path: Path, stem: str, array: np.ndarray, reason: str, make_fashion_dir: Callable[...,
+                                      dict]) -> None:
     make_fashion_dir(tmp_path, n_train=12)
     write_idx(tmp_path / f"{stem}.gz", array)
 

@@ -15,7 +15,6 @@ from models.gating import (
     effective_macs,
     gate_model,
     gated_layers,
-    static_keep_channels,
 )
 
 
@@ -85,13 +84,3 @@ def test_gated_conv_macs_scale_with_ratio_squared() -> None:
     macs = effective_macs(model)
     assert macs["2"] / second.dense_macs() == pytest.approx((14 / 20) ** 2, abs=0.01)  # in and out gated
     assert macs["0"] / first.dense_macs() == pytest.approx(14 / 20, abs=0.01)  # only out gated
-
-
-def test_static_keep_channels_picks_most_used_and_rounds() -> None:
-    usage = torch.tensor([0.9, 0.1, 0.5, 0.8, 0.0, 0.7, 0.2, 0.3, 0.6, 0.4, 0.05, 0.95])
-    keep = static_keep_channels(usage, 0.5, round_to=4)
-    assert isinstance(keep, torch.Tensor)
-    assert keep.tolist() == sorted([11, 0, 3, 5, 8, 2, 9, 7])  # the 8 most used: 6 rounded up to 8
-    assert len(static_keep_channels(usage, 1.0, round_to=8)) == 12  # never above C
-    by_layer = static_keep_channels({"a": usage}, 0.25, round_to=1)
-    assert isinstance(by_layer, dict) and by_layer["a"].tolist() == [0, 3, 11]

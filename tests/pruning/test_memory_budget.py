@@ -20,7 +20,7 @@ from edge_agent.budget import (
 )
 from models import build_model
 
-MB = 1_000_000
+MB = 2**20  # one unit for memory sizes: MiB
 CIFAR = (3, 32, 32)
 FMNIST = (1, 28, 28)
 
@@ -28,14 +28,15 @@ FMNIST = (1, 28, 28)
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("256MB", 256 * 10**6),  # SI suffix: decimal
-        ("1.5GiB", int(1.5 * 2**30)),  # IEC suffix: binary
+        ("256MB", 256 * 2**20),  # "MB" is MiB, as memory_budget_mb: one unit everywhere
+        ("256MiB", 256 * 2**20),  # IEC suffix: the same
+        ("1.5GiB", int(1.5 * 2**30)),
         ("512k", 512 * 1024),  # bare letter: binary, as Docker
         ("512 KiB", 512 * 1024),  # space allowed
         ("2g", 2 * 2**30),
         ("1024", 1024),  # bytes
         ("100B", 100),
-        ("0.5MB", 500_000),
+        ("0.5MB", 2**19),
         (4096, 4096),  # ints pass through
     ],
 )
@@ -175,14 +176,14 @@ def test_budget_exceeded_says_what_would_fit() -> None:
         plan_training(model, CIFAR, 1 * MB)  # below the parameters alone
     err = info.value
     message = str(err)
-    assert "budget 1.0 MB" in message and "at batch 4" in message
+    assert "budget 1.0 MiB" in message and "at batch 4" in message
     assert "frozen but fc" in message  # the smallest working set tried freezes all but fc
     assert err.needed_bytes > err.budget_bytes == 1 * MB
     assert err.frozen and "fc.weight" not in err.frozen
     # It "would fit" with the reported need: planning with that budget succeeds.
     assert plan_training(model, CIFAR, err.needed_bytes).batch_size == 4
 
-    with pytest.raises(BudgetExceeded, match=r"needs \d+(\.\d)? MB at batch 4; budget 1.0 MB") as no_freeze:
+    with pytest.raises(BudgetExceeded, match=r"needs \d+(\.\d)? MiB at batch 4; budget 1.0 MiB") as no_freeze:
         plan_training(model, CIFAR, 1 * MB, allow_freeze=False)
     assert no_freeze.value.frozen == ()
 

@@ -9,7 +9,6 @@ from sparse_kernels import (
     CodecError,
     DeltaMeta,
     ModelDelta,
-    ServerMomentum,
     ShapeMismatch,
     SparseAccumulator,
     encode,
@@ -94,13 +93,3 @@ def test_empty_accumulator_and_bad_weight() -> None:
     with pytest.raises(ValueError):
         acc.fold(md, float("nan"))
     assert acc.count == 0
-
-
-def test_server_momentum_matches_recurrence() -> None:
-    m = ServerMomentum(beta=0.5, lr=2.0)
-    d1, d2 = {"w": np.ones(3)}, {"w": np.full(3, 2.0)}
-    np.testing.assert_allclose(m.step(d1)["w"], 2.0)  # v = 1
-    np.testing.assert_allclose(m.step(d2)["w"], 2.0 * (0.5 + 2.0))  # v = 0.5*1 + 2
-    m2 = ServerMomentum(beta=0.5, lr=2.0)
-    m2.load_state_dict(m.state_dict())
-    np.testing.assert_allclose(m2.step(d1)["w"], m.step(d1)["w"])

@@ -115,17 +115,17 @@ CASES = [
     (MalformedIndices, frame([record("w", (4, 4), 2, BITMAP, FP32, ilen=2, vlen=8)], BM3 + fp32(1, 2))),
     (MalformedPayload, frame([record("w", (4, 4), 3, BITMAP, FP32, ilen=1, vlen=12)], BM3[:1] + fp32(1, 2, 3))),
     (MalformedPayload, frame([record("w", (12,), 3, BITMAP, FP32, ilen=2, vlen=12)], b"\x44\x41" + fp32(1, 2, 3))),
-    (MalformedIndices, frame([record("w", (8,), 2, RICE, FP32, r=2, ilen=len(_rice([3, 12], 2)), vlen=8)], _rice([3, 12], 2) + fp32(1, 2))),
+    (MalformedIndices, frame([record("w", (8,), 2, RICE, FP32, r=2, ilen=len(_rice([3, 12], 2)), vlen=8)], _rice([3, 12], 2) + fp32(1, 2))),  # noqa: E501
     (MalformedIndices, frame([record("w", (64,), 3, RICE, FP32, r=2, ilen=2, vlen=12)], b"\x00\x00" + fp32(1, 2, 3))),
-    (MalformedIndices, frame([record("w", (64,), 1, RICE, FP32, r=0, ilen=2, vlen=4)], b"\x80\x00" + fp32(1))),  # a stray zero byte
+    (MalformedIndices, frame([record("w", (64,), 1, RICE, FP32, r=0, ilen=2, vlen=4)], b"\x80\x00" + fp32(1))),  # noqa: E501 (a stray zero byte)
     (MalformedPayload, frame([record("w", (64,), 1, RICE, FP32, r=32, ilen=5, vlen=4)], b"\x00" * 4 + b"\x80" + fp32(1))),
     (MalformedPayload, frame([record("w", (64,), 1, BITMAP_Z, FP32, r=2, ilen=0, vlen=4)], fp32(1))),  # r on bitmap
-    (LimitExceeded, frame([record("w", (64,), 1, BITMAP_Z, FP32, ilen=len(zlib.compress(bytes(10**5))), vlen=4)], zlib.compress(bytes(10**5)) + fp32(1))),
+    (LimitExceeded, frame([record("w", (64,), 1, BITMAP_Z, FP32, ilen=len(zlib.compress(bytes(10**5))), vlen=4)], zlib.compress(bytes(10**5)) + fp32(1))),  # noqa: E501
     # values
     (NonFiniteValues, frame([record("w", (4, 4), 3, BITMAP, FP32, ilen=2, vlen=12)], BM3 + fp32(1, np.nan, 3))),
-    (NonFiniteValues, frame([record("w", (4, 4), 3, BITMAP, FP16, ilen=2, vlen=6)], BM3 + np.array([1, np.inf, 3], "<f2").tobytes())),
+    (NonFiniteValues, frame([record("w", (4, 4), 3, BITMAP, FP16, ilen=2, vlen=6)], BM3 + np.array([1, np.inf, 3], "<f2").tobytes())),  # noqa: E501
     (NonFiniteValues, frame([record("w", (4, 4), 3, BITMAP, INT8, scale=float("inf"), ilen=2, vlen=3)], BM3 + b"\x01\x02\x03")),
-    (NonFiniteValues, frame([record("w", (4, 4), 3, BITMAP, INT8, scale=3e38, ilen=2, vlen=3)], BM3 + b"\x01\x7f\x03")),  # overflow
+    (NonFiniteValues, frame([record("w", (4, 4), 3, BITMAP, INT8, scale=3e38, ilen=2, vlen=3)], BM3 + b"\x01\x7f\x03")),  # noqa: E501 (overflow)
     (MalformedPayload, frame([record("w", (4, 4), 3, BITMAP, INT8, scale=1.0, ilen=2, vlen=3)], BM3 + b"\x01\x80\x03")),  # -128
     (MalformedPayload, frame([record("w", (4, 4), 3, BITMAP, TERNARY, scale=1.0, ilen=2, vlen=1)], BM3 + b"\x01")),  # pad bit
 ]

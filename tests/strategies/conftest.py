@@ -7,17 +7,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 from coordinator.protocol import StrategySpec, Task, TrainingConfig
-from coordinator.strategies import RoundContext
 from models import build_model
 from models.state import to_numpy_state
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
-Weights = dict[str, np.ndarray]
+from sparse_kernels import Weights
+from strategies import LocalHooks, RoundContext, hooks_for
+from tests.helpers import ADMIN, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -42,11 +40,9 @@ def task_for(strategy: str, params: dict[str, Any], *, rnd: int = 1, model: str 
                 strategy=StrategySpec(name=strategy, params=params), deadline=time.time() + 600)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
+def task_hooks(task: Task, model: torch.nn.Module, weights: Weights, data: Any) -> LocalHooks:
+    """The agent half's hooks for `task`, as `edge_agent.local.run_task` gets them."""
+    return hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
 
 
 class Helpers:
@@ -57,6 +53,7 @@ class Helpers:
     weights_of = staticmethod(weights_of)
     context = staticmethod(context)
     task_for = staticmethod(task_for)
+    task_hooks = staticmethod(task_hooks)
     wait_for = staticmethod(wait_for)
 
 

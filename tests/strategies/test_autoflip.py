@@ -13,16 +13,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from coordinator.strategies import STRATEGIES
-from coordinator.strategies.autoflip import AutoFLIP, guidance_from_second_moment
-from coordinator.strategies.feddip import density_of
 from edge_agent.agent import EdgeAgent
 from edge_agent.local import run_task
-from edge_agent.pruning import guidance_scores
-from edge_agent.strategy_hooks import LocalHooks, hooks_for
 from models import make_synthetic, train_epochs
 from models.state import build_from_state
 from sparse_kernels import ErrorFeedback, decode
+from strategies import STRATEGIES
+from strategies.autoflip.ops import guidance_scores
+from strategies.autoflip.server import AutoFLIP, guidance_from_second_moment
+from strategies.base import LocalHooks
+from strategies.masking import density_of
 
 NAMES = ["features.0.weight", "features.3.weight", "classifier.1.weight", "classifier.3.weight", "classifier.5.weight"]
 
@@ -123,7 +123,7 @@ def _pruned_start(h: Any) -> dict[str, np.ndarray]:
 def test_agent_after_step_keeps_pruned_weights_at_zero(h: Any) -> None:
     w1 = _pruned_start(h)
     model = build_from_state("lenet5", w1, in_channels=1, num_classes=10)
-    hooks = hooks_for(h.task_for("autoflip", {"pruned": True}), model, w1, make_synthetic(16))
+    hooks = h.task_hooks(h.task_for("autoflip", {"pruned": True}), model, w1, make_synthetic(16))
     assert hooks.after_step is not None and hooks.upload_support is not None
     for n in NAMES:
         np.testing.assert_array_equal(hooks.upload_support[n], w1[n] != 0)
@@ -153,7 +153,7 @@ def test_agent_after_step_keeps_pruned_weights_at_zero(h: Any) -> None:
 def test_exploration_rounds_train_plainly_and_uploads_respect_the_mask(h: Any) -> None:
     w0 = h.weights_of()
     model = build_from_state("lenet5", w0, in_channels=1, num_classes=10)
-    explore = hooks_for(h.task_for("autoflip", {"pruned": False}), model, w0, make_synthetic(16))
+    explore = h.task_hooks(h.task_for("autoflip", {"pruned": False}), model, w0, make_synthetic(16))
     assert isinstance(explore, LocalHooks)
     assert explore.after_step is None and explore.regularizer is None and explore.upload_support is None
     assert isinstance(explore.context, contextlib.nullcontext)

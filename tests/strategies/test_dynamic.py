@@ -15,12 +15,8 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
-from coordinator.strategies import STRATEGIES, build_strategy
-from coordinator.strategies.base import AUX_PREFIX, RoundContext
-from coordinator.strategies.dynamic import DynamicPruning, aux_shapes_for, stat_key
 from edge_agent.agent import EdgeAgent
 from edge_agent.local import run_task
-from edge_agent.strategy_hooks import hooks_for
 from models import ImageDataset, build_model, count_macs, make_synthetic
 from models.gating import (
     channel_usage,
@@ -35,8 +31,11 @@ from models.gating import (
 from models.state import build_from_state, load_numpy_state, seeded_weights, to_numpy_state
 from models.training import iterate_batches
 from sparse_kernels import ErrorFeedback, SparseAccumulator, decode
-
-ADMIN = {"Authorization": "Bearer dev-admin-token"}
+from strategies import STRATEGIES, build_strategy
+from strategies.base import AUX_PREFIX, RoundContext
+from strategies.dynamic.common import stat_key
+from strategies.dynamic.server import DynamicPruning, aux_shapes_for
+from tests.helpers import ADMIN
 
 
 def _float_keys(model: nn.Module) -> set[str]:
@@ -176,7 +175,7 @@ def test_agent_statistics_are_sample_weighted_means_over_the_training_samples(h:
 def test_hooks_report_nothing_for_the_exported_plain_model(h: Any) -> None:
     w = seeded_weights("fedavg_cnn", 0, in_channels=1, num_classes=10)
     model = build_from_state("fedavg_cnn", w, in_channels=1, num_classes=10)
-    hooks = hooks_for(h.task_for("dynamic", {}, model="fedavg_cnn"), model, w, make_synthetic(16))
+    hooks = h.task_hooks(h.task_for("dynamic", {}, model="fedavg_cnn"), model, w, make_synthetic(16))
     assert hooks.aux is None
     res = DynamicPruning().aggregate(RoundContext(3, 3, "fedavg_cnn", 1, 10, None, 2), w, {}, {})
     assert not res.structure_changed and res.metrics == {"exported": 1}  # fine-tuning: plain FedAvg

@@ -12,16 +12,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from coordinator.strategies import STRATEGIES, build_strategy
-from coordinator.strategies.feddip import FedDIP, density_of, masked_names
 from edge_agent.agent import EdgeAgent
 from edge_agent.local import run_task
-from edge_agent.mask_hooks import masks_from_zeros
-from edge_agent.pruning import CubicSparsity, MaskedForward, erk_densities
-from edge_agent.strategy_hooks import hooks_for
 from models import make_synthetic, train_epochs
 from models.state import build_from_state
+from pruning import CubicSparsity, erk_densities, masks_from_zeros
 from sparse_kernels import ErrorFeedback, decode
+from strategies import STRATEGIES, build_strategy
+from strategies.feddip.ops import MaskedForward
+from strategies.feddip.server import FedDIP
+from strategies.masking import density_of, masked_names
 
 NAMES = ["features.0.weight", "features.3.weight", "classifier.1.weight", "classifier.3.weight", "classifier.5.weight"]
 
@@ -134,7 +134,7 @@ def test_agent_error_feedback_keeps_pruned_coordinates_learning(h: Any) -> None:
     task = h.task_for("feddip", s.task_params(5, w0, {"total_rounds": np.array([10])}))
     assert task.strategy.params["lam"] > 0
     model = build_from_state("lenet5", w0, in_channels=1, num_classes=10)
-    hooks = hooks_for(task, model, w0, make_synthetic(16))
+    hooks = h.task_hooks(task, model, w0, make_synthetic(16))
     assert isinstance(hooks.context, MaskedForward) and hooks.context.error_feedback
     assert hooks.upload_support is None  # the dense delta is uploaded
     masks = masks_from_zeros(model, w0)
@@ -166,7 +166,7 @@ def test_without_error_feedback_pruned_coordinates_stay_put(h: Any) -> None:
     _, w0 = _feddip_start(h)
     task = h.task_for("feddip", {"lam": 1e-3, "error_feedback": False})
     model = build_from_state("lenet5", w0, in_channels=1, num_classes=10)
-    hooks = hooks_for(task, model, w0, make_synthetic(16))
+    hooks = h.task_hooks(task, model, w0, make_synthetic(16))
     masks = masks_from_zeros(model, w0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     with hooks.context:
@@ -180,11 +180,11 @@ def test_without_error_feedback_pruned_coordinates_stay_put(h: Any) -> None:
 def test_regularizer_is_lambda_times_sum_of_masked_l2_norms(h: Any) -> None:
     _, w0 = _feddip_start(h)
     model = build_from_state("lenet5", w0, in_channels=1, num_classes=10)
-    hooks = hooks_for(h.task_for("feddip", {"lam": 2e-3}), model, w0, make_synthetic(16))
+    hooks = h.task_hooks(h.task_for("feddip", {"lam": 2e-3}), model, w0, make_synthetic(16))
     assert hooks.regularizer is not None
     expected = 2e-3 * sum(float(np.linalg.norm(w0[n])) for n in NAMES)
     assert float(hooks.regularizer(model).detach()) == pytest.approx(expected, rel=1e-5)
-    assert hooks_for(h.task_for("feddip", {"lam": 0.0}), model, w0, make_synthetic(16)).regularizer is None
+    assert h.task_hooks(h.task_for("feddip", {"lam": 0.0}), model, w0, make_synthetic(16)).regularizer is None
 
 
 def test_run_task_uploads_the_dense_delta_including_pruned_coordinates(h: Any) -> None:

@@ -12,17 +12,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from coordinator.strategies import STRATEGIES
-from coordinator.strategies.fedtiny import FedTiny, adjusted_layers, grow_rate, layer_groups
 from edge_agent.agent import EdgeAgent
 from edge_agent.local import run_task
-from edge_agent.pruning import prunable_weights
-from edge_agent.pruning.fedtiny import pool_from_state
-from edge_agent.pruning.masks import apply_masks
 from models import make_synthetic
 from models.state import build_from_state
 from models.training import evaluate
+from pruning.masks import apply_masks, prunable_weights
+from pruning.schedules import CosineGrowRate
 from sparse_kernels import ErrorFeedback, decode
+from strategies import STRATEGIES
+from strategies.fedtiny.ops import pool_from_state
+from strategies.fedtiny.server import FedTiny, adjusted_layers, layer_groups
 
 NAMES = ["features.3.weight", "classifier.1.weight", "classifier.3.weight", "classifier.5.weight"]  # lenet5, not the first conv
 
@@ -40,10 +40,10 @@ def test_registered_with_one_setup_round_without_bn_and_two_with(h: Any) -> None
 
 
 def test_schedule_is_cosine_and_adjusts_one_layer_at_a_time_last_first() -> None:
-    assert grow_rate(0, 8, 0.1) == pytest.approx(0.1)
-    assert grow_rate(4, 8, 0.1) == pytest.approx(0.05)
-    assert grow_rate(8, 8, 0.1) == pytest.approx(0.0, abs=1e-12)
-    assert grow_rate(9, 8, 0.1) == 0.0
+    assert CosineGrowRate(8, 0.1)(0) == pytest.approx(0.1)
+    assert CosineGrowRate(8, 0.1)(4) == pytest.approx(0.05)
+    assert CosineGrowRate(8, 0.1)(8) == pytest.approx(0.0, abs=1e-12)
+    assert CosineGrowRate(8, 0.1)(9) == 0.0
     groups = layer_groups(NAMES, "layer")
     order = [adjusted_layers(t, groups, 1, 8) for t in range(1, 11)]
     assert order[:5] == [[NAMES[3]], [NAMES[2]], [NAMES[1]], [NAMES[0]], [NAMES[3]]]
@@ -100,7 +100,7 @@ def test_prune_and_grow_round_moves_mass_in_the_adjusted_layer_only(h: Any) -> N
     assert list(params["grow"]) == [layer]
     n = params["grow"][layer]
     mask = state[f"mask/{layer}"].astype(bool)
-    assert n == int(np.ceil(grow_rate(1, 4, 0.1) * mask.sum()))
+    assert n == int(np.ceil(CosineGrowRate(4, 0.1)(1) * mask.sum()))
     g = np.zeros(mask.size, dtype=np.float32)
     pruned = np.flatnonzero(~mask.reshape(-1))
     g[pruned[: 2 * n]] = np.linspace(1.0, 2.0, 2 * n, dtype=np.float32)  # the largest are the last n

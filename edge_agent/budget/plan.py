@@ -1,0 +1,129 @@
+"""Plan local training within a budget. The policy (`plan_within`) is a pure function of
+an estimate callable and the model's freezable units, testable with made-up numbers;
+`plan_training` wires it to the real estimate for a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from edge_agent.budget.sizes import BudgetExceeded, MemoryEstimate, format_size
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from edge_agent.budget.estimate import OptimizerName
+
+__all__ = ["Estimate", "TrainingPlan", "Units", "plan_training", "plan_within"]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How to train within a budget: batch size, frozen parameter names, and the estimate."""
+
+    batch_size: int
+    frozen: tuple[str, ...]
+    estimate: MemoryEstimate
+
+    def apply(self, model: nn.Module) -> None:
+        """Set requires_grad=False on the frozen parameters (build the optimizer after this,
+        over `p for p in model.parameters() if p.requires_grad`)."""
+        frozen = set(self.frozen)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+
+
+# (batch size, frozen parameter names) → the estimated working set
+Estimate = Callable[[int, tuple[str, ...]], MemoryEstimate]
+# freezable units in forward order: (module name, its parameters' full names)
+Units = Sequence[tuple[str, tuple[str, ...]]]
+
+
+def plan_training(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    budget_bytes: int,
+    *,
+    batch_sizes: Iterable[int] = (128, 64, 32, 16, 8, 4),
+    preferred_batch: int = 64,
+    optimizer: OptimizerName = "sgd_momentum",
+    allow_freeze: bool = True,
+) -> TrainingPlan:
+    """Plan one agent's local training within `budget_bytes` of working set.
+
+    1. The largest batch ≤ `preferred_batch` (from `batch_sizes`) whose estimate fits.
+    2. If none fits even at the smallest batch, freeze the fewest leading layers (in forward
+       order; they get no gradients, no optimizer state and save no activations) that make
+       the smallest batch fit, then take the largest batch that fits with that freeze.
+       At least the last layer stays trainable. Fewer frozen layers win over a bigger batch.
+    3. Otherwise raise `BudgetExceeded` naming the smallest working set found.
+    """
+    from edge_agent.budget.estimate import estimate_training_memory, freeze_units
+
+    def estimate(batch: int, frozen: tuple[str, ...]) -> MemoryEstimate:
+        trainable = None if not frozen else {n for n, _ in model.named_parameters()} - set(frozen)
+        return estimate_training_memory(model, input_shape, batch, optimizer=optimizer, trainable=trainable)
+
+    return plan_within(budget_bytes, estimate, lambda: freeze_units(model, input_shape), batch_sizes=batch_sizes,
+                       preferred_batch=preferred_batch, allow_freeze=allow_freeze)
+
+
+def plan_within(budget_bytes: int, estimate: Estimate, units: Callable[[], Units], *,
+                batch_sizes: Iterable[int] = (128, 64, 32, 16, 8, 4), preferred_batch: int = 64,
+                allow_freeze: bool = True) -> TrainingPlan:
+    """The planning policy of `plan_training`, over any `estimate(batch, frozen)` and the
+    freezable `units()` (asked for only when no batch fits unfrozen). Pure."""
+    candidates = sorted({b for b in batch_sizes if b <= preferred_batch}, reverse=True)
+    if not candidates:
+        candidates = [min(batch_sizes)]
+
+    def largest_fit(frozen: tuple[str, ...]) -> TrainingPlan | None:
+        for batch in candidates:
+            est = estimate(batch, frozen)
+            if est.total <= budget_bytes:
+                return TrainingPlan(batch, frozen, est)
+        return None
+
+    plan = largest_fit(())
+    if plan is not None:
+        return plan
+    smallest = candidates[-1]
+    dense_need = estimate(smallest, ())
+    unit_list = units()
+
+    def frozen_prefix(k: int) -> tuple[str, ...]:
+        return tuple(n for _, names in unit_list[:k] for n in names)
+
+    best_k, best_est = 0, dense_need
+    if allow_freeze and len(unit_list) > 1:
+        # Memory falls (weakly) as more leading units freeze: binary-search the fewest.
+        lo, hi = 1, len(unit_list) - 1
+        most = estimate(smallest, frozen_prefix(hi))
+        best_k, best_est = hi, most
+        if most.total <= budget_bytes:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if estimate(smallest, frozen_prefix(mid)).total <= budget_bytes:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            plan = largest_fit(frozen_prefix(lo))
+            if plan is not None:
+                return plan
+    if best_k:
+        trainable_units = ", ".join(name for name, _ in unit_list[best_k:]) or "none"
+        detail = (f"needs {format_size(best_est.total)} at batch {smallest} with all layers "
+                  f"frozen but {trainable_units} ({format_size(dense_need.total)} with none frozen)")
+    else:
+        detail = f"needs {format_size(dense_need.total)} at batch {smallest}"
+    raise BudgetExceeded(
+        f"local training does not fit the memory budget: {detail}; budget "
+        f"{format_size(budget_bytes)}. It would fit with a budget of at least "
+        f"{format_size(best_est.total)}, or a smaller (structured-pruned) model. "
+        f"Smallest working set: {best_est.describe()}",
+        budget_bytes=budget_bytes,
+        needed_bytes=best_est.total,
+        batch_size=smallest,
+        frozen=frozen_prefix(best_k),
+    )

@@ -1,0 +1,31 @@
+"""Agent half of AutoFLIP: exploration rounds train plainly (every client a scout from the
+round's global model); once the task says ``pruned``, the mask — the global model's
+zeros (`pruning.masks.masks_from_zeros`) — is re-applied after every optimiser step and
+only masked coordinates are uploaded."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from models import ImageDataset
+from pruning.masks import apply_masks, masks_from_zeros
+from strategies.base import LocalHooks
+
+__all__ = ["autoflip_hooks"]
+
+
+def autoflip_hooks(params: Mapping[str, Any], model: nn.Module, weights: dict[str, np.ndarray],
+                   data: ImageDataset) -> LocalHooks:
+    if not params.get("pruned", False):
+        return LocalHooks()  # exploration: plain local training (FedAvg)
+    masks = masks_from_zeros(model, weights)
+    apply_masks(model, masks)  # already zero; makes the invariant hold from step 0
+
+    def after_step() -> None:
+        apply_masks(model, masks)
+
+    return LocalHooks(after_step=after_step, upload_support={n: m.cpu().numpy() for n, m in masks.items()})

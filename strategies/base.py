@@ -1,0 +1,141 @@
+"""The two contracts of a federated method.
+
+- **Server half** (`Strategy`): data in, data out (no HTTP, no database, no logging of
+  transport). It sees the global weights, the streaming mean of the round's deltas and
+  its own persistent arrays, and proposes the next global weights. Broadcast
+  compression, storage and evaluation are the coordinator service's job.
+- **Agent half** (`AgentHalf`): how local training changes for the method. A hook
+  factory maps (the task's strategy params, model, global weights, local data) to the
+  `LocalHooks` that `models.training.train_epochs` understands plus the auxiliary
+  statistics the server half asked for; optionally, how to rebuild the method's initial
+  model locally from the params. An agent half reads the params the server sent in the
+  task, never the server class. A method whose agents train plainly registers
+  `TRAINS_PLAIN` instead (`strategies.registry`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from sparse_kernels.types import Weights
+
+if TYPE_CHECKING:  # the agent contract's types; importing this module needs no torch
+    import torch
+    from torch import nn
+
+    from models.datasets import ImageDataset
+
+__all__ = [
+    "AUX_PREFIX",
+    "TRAINS_PLAIN",
+    "AgentHalf",
+    "HookFactory",
+    "InitialWeights",
+    "LocalHooks",
+    "RoundContext",
+    "RoundResult",
+    "Strategy",
+    "Weights",
+]
+
+AUX_PREFIX = "aux/"  # names of uploaded tensors that are statistics, not deltas
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    round: int  # the round being closed, 1-based
+    total_rounds: int
+    model: str
+    in_channels: int
+    num_classes: int
+    image_size: int | None
+    participants: int
+    # Weighted mean of the squared deltas, for strategies with `wants_second_moment`
+    # (AutoFLIP's guidance scores); None otherwise.
+    mean_sq_delta: Weights | None = None
+    # Sample-weighted means of the auxiliary tensors the agents uploaded (names from
+    # `Strategy.aux_shapes`, "aux/..."): statistics that are not model deltas.
+    aux: Weights = field(default_factory=dict)
+
+
+@dataclass
+class RoundResult:
+    weights: Weights  # proposed next global weights
+    structure_changed: bool = False  # tensor shapes differ
+    # when known: the kept indices per tensor and dimension (sparse_kernels.reshape), so
+    # agents slice what they hold instead of downloading the smaller model whole
+    reshape: dict[str, list[list[int] | None]] | None = None
+    state: dict[str, np.ndarray] = field(default_factory=dict)  # strategy's persistent arrays
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    # How the accumulator averages coordinates not every client sent ("zero": missing
+    # counts as no change; "senders": average over the clients that sent it).
+    fill: ClassVar[Literal["zero", "senders"]] = "zero"
+    wants_second_moment: ClassVar[bool] = False
+
+    def task_params(self, rnd: int, weights: Weights, state: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Strategy parameters the agents need for round `rnd` (sent in the task)."""
+        return {}
+
+    def aux_shapes(self, rnd: int, weights: Weights, state: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+        """Auxiliary tensors ("aux/<name>" → shape) agents upload in round `rnd` besides
+        their delta (BN statistics, candidate losses, gradient tops, channel usage). The
+        service validates them like the delta and averages them by sample count."""
+        return {}
+
+    def setup_rounds(self, weights: Weights) -> int:
+        """Rounds before training that only gather statistics (FedTiny's selection);
+        they come on top of the federation's `rounds`."""
+        return 0
+
+    def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
+        """Chance to transform the freshly initialised model before round 1."""
+        return weights
+
+    @abstractmethod
+    def aggregate(
+        self, ctx: RoundContext, weights: Weights, mean_delta: Weights, state: dict[str, np.ndarray]
+    ) -> RoundResult: ...
+
+
+# ---------------------------------------------------------------------- agent contract
+@dataclass
+class LocalHooks:
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None
+    after_step: Callable[[], None] | None = None
+    # entered around local training (e.g. a masked forward with error feedback)
+    context: AbstractContextManager[object] = field(default_factory=nullcontext)
+    # boolean masks restricting which coordinates may be uploaded (None: any)
+    upload_support: dict[str, np.ndarray] | None = None
+    # False for statistics-only rounds (FedTiny's candidate selection): no training, no delta
+    train: bool = True
+    # called after training: auxiliary tensors to upload ("aux/<name>" → array)
+    aux: Callable[[], dict[str, np.ndarray]] | None = None
+
+
+# (task's strategy params, model built from the global weights, those weights, local data)
+HookFactory = Callable[[Mapping[str, Any], "nn.Module", Weights, "ImageDataset"], LocalHooks]
+# (task's strategy params, seeded weights, round-0 context) → the method's initial model
+InitialWeights = Callable[[Mapping[str, Any], Weights, RoundContext], Weights]
+
+
+@dataclass(frozen=True)
+class AgentHalf:
+    hooks: HookFactory
+    # how the server half's `initial_weights` transforms the seeded model, from the task's
+    # params (None: it does not): agents rebuild the initial model instead of downloading
+    initial_weights: InitialWeights | None = None
+
+
+# Registered instead of an AgentHalf by methods whose agents train exactly as FedAvg's do
+# (the structure arrives in the weights' shapes): an explicit statement, never a default.
+TRAINS_PLAIN: Literal["trains plain"] = "trains plain"

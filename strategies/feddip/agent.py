@@ -1,0 +1,39 @@
+"""Agent half of FedDIP: local training computes with w⊙m but applies the gradient to the
+dense w (`MaskedForward(error_feedback=True)`), so pruned coordinates keep learning and
+can come back at the next reconfiguration; the loss gains λ_t Σ_l ‖w_l⊙m_l‖₂. The upload
+is the dense local delta (top-k by the federation's upload density).
+
+The mask is the global model's zeros (`pruning.masks.masks_from_zeros`): the server
+returns w⊙m with every pruned coordinate exactly 0. Reads from the task's params: ``lam``
+(λ_t, sent each round) and ``error_feedback``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from models import ImageDataset
+from pruning.masks import masks_from_zeros
+from strategies.base import LocalHooks
+from strategies.feddip.ops import MaskedForward, feddip_regularizer
+
+__all__ = ["feddip_hooks"]
+
+
+def feddip_hooks(params: Mapping[str, Any], model: nn.Module, weights: dict[str, np.ndarray],
+                 data: ImageDataset) -> LocalHooks:
+    lam = float(params.get("lam", 0.0))
+    error_feedback = bool(params.get("error_feedback", True))
+    masks = masks_from_zeros(model, weights)
+    # Only layers with pruned entries need the masked forward; the regulariser covers all
+    # masked layers (for a dense layer w⊙m = w).
+    sparse = {n: m for n, m in masks.items() if not bool(m.all())}
+    return LocalHooks(
+        regularizer=feddip_regularizer(masks, lam) if lam > 0 else None,
+        context=MaskedForward(model, sparse, error_feedback=error_feedback),
+        upload_support=None,  # dense delta: pruned coordinates that learned can come back
+    )
