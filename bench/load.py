@@ -372,7 +372,7 @@ class Run:
         run when it completes (or fails)."""
         done = 0
         while not self.stop.is_set():
-            resp = await self.call("admin", "GET", f"/federations/{self.fid}", timed=False, headers=self.admin)
+            resp = await self.admin_call("GET", f"/federations/{self.fid}")
             if resp is not None:
                 fed = resp.json()
                 for _ in range(done, int(fed["current_round"])):
@@ -396,18 +396,25 @@ class Run:
     # ------------------------------------------------------------------ the whole run
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
+    async def admin_call(self, method: str, path: str, **kw: Any) -> httpx.Response | None:
+        """An admin request on a connection of its own: a pooled one can pass the server's
+        keep-alive between the pool's expiry check and the send when this loop lags by
+        seconds (1000 agents), and the server then closes it under the request."""
+        async with httpx.AsyncClient(base_url=self.coord.url, timeout=30) as http:
+            return await self.call("admin", method, path, timed=False, headers=self.admin, http=http, **kw)
+
     async def main(self) -> None:
         tasks: list[asyncio.Task[None]] = []
         try:
             tasks += [asyncio.create_task(self.prober()), asyncio.create_task(self.ticker())]
-            resp = await self.call("admin", "POST", "/federations", ok=(201,), timed=False, headers=self.admin,
-                                   json=federation_config(self.n, self.args.rounds, self.args.timeout))
+            config = federation_config(self.n, self.args.rounds, self.args.timeout)
+            resp = await self.admin_call("POST", "/federations", ok=(201,), json=config)
             if resp is None:
                 raise RuntimeError(f"federation create failed:\n{self.coord.log_tail()}")
             self.fid = resp.json()["id"]
             # the model's shapes, from the model the coordinator serves (admin: counted nowhere
             # in the agents' figures)
-            resp = await self.call("admin", "GET", f"/federations/{self.fid}/models/0", timed=False, headers=self.admin)
+            resp = await self.admin_call("GET", f"/federations/{self.fid}/models/0")
             if resp is None:
                 raise RuntimeError("model download failed")
             self.shapes = {t.name: t.shape for t in decode(resp.content).tensors}
@@ -416,9 +423,9 @@ class Run:
             tokens = await asyncio.gather(*(self.enroll(i, gate) for i in range(self.n)))
             log(f"  enrolled {sum(t is not None for t in tokens)}/{self.n} agents in {time.perf_counter() - t0:.1f} s")
             tasks += [asyncio.create_task(self.agent(i, t)) for i, t in enumerate(tokens) if t is not None]
-            resp = await self.call("admin", "POST", f"/federations/{self.fid}/start", timed=False, headers=self.admin)
+            resp = await self.admin_call("POST", f"/federations/{self.fid}/start")
             if resp is None:
-                raise RuntimeError("federation start failed")
+                raise RuntimeError(f"federation start failed:\n{self.coord.log_tail()}")
             self.rec.started_at = time.perf_counter()
             self.rec.rss_mb_start = self.coord.rss_mb()
             await self.watcher()
