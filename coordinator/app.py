@@ -69,7 +69,7 @@ def _public(row: FederationRow) -> FederationPublic:
 
 def _agent_public(svc: CoordinatorService, a: AgentRow) -> AgentPublic:
     return AgentPublic(id=a.id, name=a.name, enrolled_at=a.enrolled_at, last_seen=a.last_seen,
-                       status=svc.agent_status(a), memory_budget_bytes=a.info.get("memory_budget_bytes"))
+                       status=svc.agent_status(a), memory_budget_bytes=svc.auth.budget(a))
 
 
 def _client_ip(request: Request) -> str:
@@ -171,8 +171,12 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
 
     @api.get("/tasks", responses={204: {"description": "no task within the wait"}})
     async def next_task(who: Annotated[AgentRow, Depends(agent)],
-                        wait: Annotated[float, Query(ge=0, le=60)] = 10.0) -> Response:
-        """Long poll (a coroutine: a waiting agent holds no thread)."""
+                        wait: Annotated[float, Query(ge=0, le=60)] = 10.0,
+                        memory_budget_bytes: Annotated[int | None, Query(gt=0, le=2**50)] = None) -> Response:
+        """Long poll (a coroutine: a waiting agent holds no thread). `memory_budget_bytes`
+        restates the device's training memory budget (bytes)."""
+        if memory_budget_bytes is not None:
+            svc.auth.state_budget(who, memory_budget_bytes)
         task = await svc.next_task(who, wait)
         if task is None:
             return Response(status_code=204)

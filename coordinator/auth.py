@@ -41,6 +41,8 @@ class Auth:
         # last_seen is noted in memory per request and written in one transaction per
         # scheduler tick (`flush_seen`): a poll costs no database write
         self._seen: dict[str, float] = {}
+        self._budgets: dict[str, int] = {}  # restated on polls, written with `flush_seen`
+        self.budget_of: dict[str, int | None] = {}  # the latest stated budget per agent
 
     def is_admin(self, token: str | None) -> bool:
         return bool(token) and same_secret(str(token), self._admin)
@@ -80,17 +82,33 @@ class Auth:
             self._seen[agent.id] = time.time()
         return agent
 
+    def state_budget(self, agent: AgentRow, budget_bytes: int) -> None:
+        """An agent restated its training memory budget (bytes) on a poll."""
+        with self._lock:
+            if self.budget(agent) != budget_bytes:
+                self._budgets[agent.id] = budget_bytes
+            self.budget_of[agent.id] = budget_bytes
+
+    def budget(self, agent: AgentRow) -> int | None:
+        """The agent's budget as last stated (a poll, else its enrollment)."""
+        return self.budget_of.get(agent.id, agent.memory_budget_bytes)
+
     def flush_seen(self) -> None:
-        """Write the noted last_seen times (one transaction for all agents)."""
+        """Write the noted last_seen times and restated budgets (one transaction)."""
         with self._lock:
             seen, self._seen = self._seen, {}
-        if seen:
+            budgets, self._budgets = self._budgets, {}
+        if seen or budgets:
             try:
                 with self.store.tx() as conn:
-                    self.store.touch_agents(conn, seen)
+                    if seen:
+                        self.store.touch_agents(conn, seen)
+                    if budgets:
+                        self.store.set_budgets(conn, budgets)
             except Exception:
                 with self._lock:
                     self._seen = {**seen, **self._seen}
+                    self._budgets = {**budgets, **self._budgets}
                 raise
 
     def _lookup(self, token: str) -> AgentRow | None:
@@ -120,7 +138,8 @@ class Auth:
         with self.store.tx() as conn:
             if self.store.count_agents(conn) >= self.settings.max_agents:
                 raise Forbidden(f"the coordinator holds its maximum of {self.settings.max_agents} agents")
-            self.store.add_agent(conn, AgentRow(agent_id, req.name, hash_token(token), now, now, info))
+            self.store.add_agent(conn, AgentRow(agent_id, req.name, hash_token(token), now, now, info,
+                                                memory_budget_bytes=req.memory_budget_bytes))
         return agent_id, token
 
     def revoke(self, agent_id: str) -> AgentRow | None:

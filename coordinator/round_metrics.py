@@ -41,5 +41,10 @@ def round_metrics(*, rnd: int, attempt: int, selected: int, updates: Sequence[Up
         "agent_planned_mb": max((float(r.get("planned_memory_bytes", 0)) for r in reports), default=0.0) / 2**20,
         "agent_budget_mb": budget_mb,
         "clipped_updates": clipped, "aggregation": rule,
+        # per agent: what it said it could hold, what it planned, what it measured
+        "agents": [{"agent": u.agent_id, "budget_bytes": u.report.get("budget_bytes"),
+                    "planned_bytes": u.report.get("planned_memory_bytes"),
+                    "peak_bytes": u.report.get("peak_memory_bytes"), "batch_size": u.report.get("batch_size"),
+                    "num_samples": u.num_samples} for u in updates],
         **strategy_metrics,
     }

@@ -14,6 +14,7 @@ so a poll never waits for a round to close.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -109,6 +110,9 @@ class CoordinatorService:
         self.board.close()
         if self._thread:
             self._thread.join(timeout=30)
+        with contextlib.suppress(Exception):  # best effort: counters noted since the last tick
+            self.auth.flush_seen()
+            self._flush_served()
         self.store.close()
 
     def _run_scheduler(self) -> None:
@@ -319,8 +323,10 @@ class CoordinatorService:
             with self.store.tx() as conn:
                 if updates.key[1] > 1:  # an upload from an earlier attempt of this round goes
                     self.store.delete_update(conn, fid, rnd, agent.id)
+                # the budget the agent had stated when it uploaded, beside its planned/measured peaks
                 self.store.add_update(conn, fid, rnd, UpdateRow(
-                    agent.id, updates.key[1], report.num_samples, len(body), digest, report.model_dump(),
+                    agent.id, updates.key[1], report.num_samples, len(body), digest,
+                    {**report.model_dump(), "budget_bytes": self.auth.budget(agent)},
                 ))
             updates.add(agent.id, delta, report.num_samples, digest=digest, nbytes=len(body))
             self.board.mark_done(fid, rnd, updates.key[1], agent.id)

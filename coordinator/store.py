@@ -60,6 +60,7 @@ agents = Table(
     Column("last_seen", Float, nullable=False),
     Column("info", Text, nullable=False),
     Column("revoked_at", Float),  # set: the token no longer authenticates
+    Column("memory_budget_bytes", Integer),  # as last stated (enrollment or a task poll)
 )
 rounds = Table(
     "rounds", metadata,
@@ -124,6 +125,7 @@ class AgentRow:
     last_seen: float
     info: dict[str, Any]
     revoked_at: float | None = None
+    memory_budget_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,11 @@ class Store:
         stmt = agents.update().where(agents.c.id == bindparam("agent")).values(last_seen=bindparam("when"))
         conn.execute(stmt, [{"agent": a, "when": t} for a, t in seen.items()])
 
+    def set_budgets(self, conn: Connection, budgets: dict[str, int]) -> None:
+        stmt = agents.update().where(agents.c.id == bindparam("agent")).values(
+            memory_budget_bytes=bindparam("budget"))
+        conn.execute(stmt, [{"agent": a, "budget": b} for a, b in budgets.items()])
+
     def count_agents(self, conn: Connection) -> int:
         return int(conn.execute(select(func.count()).select_from(agents)).scalar() or 0)
 
@@ -336,8 +343,10 @@ def _federation(r: Any) -> FederationRow:
 
 
 def _agent(r: Any) -> AgentRow:
-    return AgentRow(r["id"], r["name"], r["token_hash"], r["enrolled_at"], r["last_seen"], json.loads(r["info"]),
-                    r["revoked_at"])
+    info = json.loads(r["info"])
+    budget = r["memory_budget_bytes"] if r["memory_budget_bytes"] is not None else info.get("memory_budget_bytes")
+    return AgentRow(r["id"], r["name"], r["token_hash"], r["enrolled_at"], r["last_seen"], info,
+                    r["revoked_at"], budget)
 
 
 def _round(r: Any) -> RoundRow:

@@ -154,7 +154,7 @@ class EdgeAgent:
         done, idle_since = 0, time.monotonic()
         while max_tasks is None or done < max_tasks:
             try:
-                task = self.client.poll_task(poll_s)
+                task = self.client.poll_task(poll_s, memory_budget_bytes=self.memory_budget_bytes)
             except CoordinatorUnavailable as exc:
                 log.warning("coordinator unreachable (%s); retrying", exc)
                 task = None

@@ -83,8 +83,13 @@ class CoordinatorClient:
         self.token = enrolled.agent_token
         return enrolled
 
-    def poll_task(self, wait_s: float = 20.0) -> Task | None:
-        resp = self._request("GET", "/tasks", params={"wait": wait_s}, timeout=wait_s + 30)
+    def poll_task(self, wait_s: float = 20.0, *, memory_budget_bytes: int | None = None) -> Task | None:
+        """Long-poll for a task; `memory_budget_bytes` restates the device's budget (a phone
+        under memory pressure says so on its next poll)."""
+        params: dict[str, float | int] = {"wait": wait_s}
+        if memory_budget_bytes is not None:
+            params["memory_budget_bytes"] = memory_budget_bytes
+        resp = self._request("GET", "/tasks", params=params, timeout=wait_s + 30)
         return None if resp.status_code == 204 else Task.model_validate_json(resp.content)
 
     def download_model(self, federation_id: str, version: int) -> bytes:
