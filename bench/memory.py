@@ -16,6 +16,10 @@ Tables:
   structured the structured-pruned fedavg_cnn (conv 16/24, fc 248) vs dense, batch 64
   planner    per budget: the plan (batch, frozen layers, estimate) or BudgetExceeded, and
              the measured peak of training with that plan, as a fraction of the budget
+  strategies per (strategy, budget): `edge_agent.local.run_task` on fedavg_cnn with the
+             strategy's own hooks (masks, gates, error feedback, gradient top-k): planned
+             bytes, measured peak, final batch and re-plans, as the agent reports them.
+             `--strategies feddip,fedtiny --budgets 12MB,16MB` picks the rows.
 Writes bench/results/memory.json (memory-quick.json with --quick). MB = 10^6 bytes.
 """
 
@@ -71,6 +75,9 @@ ESTIMATES = (
 BUDGETS = ("2MB", "4MB", "8MB", "16MB", "32MB")
 TARGET_STRUCTURED_RATIO = 0.60  # structured peak >= 40 % below dense at the same batch
 TARGET_BUDGET_RATIO = 1.10  # measured peak <= 1.10 x budget
+STRATEGIES = ("feddip", "fedtiny", "dynamic", "autoflip")
+STRATEGY_BUDGETS = ("12MB", "16MB", "24MB")
+STRATEGY_STEPS = 8  # run_task's max_steps: past the re-check after the first steps
 
 
 # --------------------------------------------------------------------------- worker
@@ -113,8 +120,77 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batch: int, shape:
         opt.step()
 
 
+def strategy_task(strategy: str, budget: str, steps: int) -> tuple[Any, Weights]:
+    """A mid-federation task of `strategy` on fedavg_cnn and its base weights: FedDIP's ERK
+    mask at round 2, FedTiny's train phase at density 0.1 growing 10 % of the kept count,
+    dynamic's gated model, AutoFLIP's pruned phase (half the weights zeroed)."""
+    import numpy as np
+
+    from coordinator.protocol import StrategySpec, Task, TrainingConfig
+    from strategies import build_strategy
+    from strategies.base import RoundContext
+
+    seeded = to_numpy_state(build_model("fedavg_cnn"))
+    ctx = RoundContext(0, 10, "fedavg_cnn", 1, 10, 28, 1)
+    rng = np.random.default_rng(0)
+    if strategy in ("feddip", "dynamic"):
+        server = build_strategy(strategy, {})
+        weights = server.initial_weights(seeded, ctx)
+        params = server.task_params(2, weights, {"total_rounds": np.array([10])})
+    else:
+        from strategies.fedtiny.ops import fedtiny_weight_names, grow_counts
+
+        names = fedtiny_weight_names(build_model("fedavg_cnn"))
+        density = 0.1 if strategy == "fedtiny" else 0.5
+        weights = {k: (v * (rng.random(v.shape) < density)).astype(np.float32) if k in names else v
+                   for k, v in seeded.items()}
+        if strategy == "fedtiny":
+            masks = {n: torch.from_numpy(weights[n] != 0) for n in names}
+            params = {"phase": "train", "grow": grow_counts(masks, 0.1)}
+        else:
+            params = {"pruned": True}
+    task = Task(federation_id="bench", round=2, model="fedavg_cnn", in_channels=1, num_classes=10,
+                image_size=28, model_version=1,
+                training=TrainingConfig(batch_size=64, lr=0.01, momentum=0.9, max_steps=steps),
+                strategy=StrategySpec(name=strategy, params=params), deadline=time.time() + 3600,
+                memory_budget_mb=parse_size(budget) / 2**20)
+    return task, weights
+
+
+def measure_strategy(config: dict[str, Any]) -> dict[str, Any]:
+    """run_task of one strategy at one budget in this (fresh) process, after one warm-up
+    task (a long-lived agent's later rounds: one-off costs are in the idle baseline)."""
+    from edge_agent.local import run_task
+    from models import make_synthetic
+    from sparse_kernels import ErrorFeedback
+
+    fixed = configure_allocator()
+    torch.manual_seed(0)
+    task, weights = strategy_task(config["strategy"], config["budget"], config["steps"])
+    data = make_synthetic(512, channels=1, image_size=28)
+    row = {**config, "model": "fedavg_cnn", "allocator_fixed": fixed, "threads": torch.get_num_threads(),
+           "budget_bytes": parse_size(config["budget"])}
+    start = time.perf_counter()
+    try:
+        run_task(task.model_copy(update={"training": task.training.model_copy(update={"max_steps": 1})}),
+                 weights, data, ErrorFeedback())
+        start = time.perf_counter()
+        result = run_task(task, weights, data, ErrorFeedback())
+    except Exception as exc:  # noqa: BLE001 - a row that says why (BudgetExceeded, a hook's failure)
+        return {**row, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    report = result.report
+    return {
+        **row, "batch": report.batch_size,
+        "estimate_bytes": report.planned_memory_bytes, "measured_bytes": report.peak_memory_bytes,
+        "baseline_bytes": report.baseline_memory_bytes, "replans": getattr(result, "replans", None),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this (fresh) process; returns its result row."""
+    if config["table"] == "strategies":
+        return measure_strategy(config)
     fixed = config["allocator"] == "fixed" and configure_allocator()
     torch.manual_seed(0)
     name, optimizer, shape = config["model"], config["optimizer"], input_shape(config["model"])
@@ -166,7 +242,8 @@ def run_fresh(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def configs(quick: bool) -> list[dict[str, Any]]:
+def configs(quick: bool, strategies: Sequence[str] = STRATEGIES,
+            budgets: Sequence[str] = STRATEGY_BUDGETS) -> list[dict[str, Any]]:
     estimates = [e for e in ESTIMATES if e[1] == 64 and e[0].startswith("fedavg_cnn")] if quick else ESTIMATES
     allocators = ("fixed",) if quick else ("default", "fixed")
     out: list[dict[str, Any]] = [
@@ -176,6 +253,8 @@ def configs(quick: bool) -> list[dict[str, Any]]:
     planned = [("fedavg_cnn", "16MB")] if quick else [(m, b) for m in ("fedavg_cnn", STRUCTURED) for b in BUDGETS]
     out += [{"table": "planner", "model": m, "budget": b, "optimizer": "sgd_momentum", "allocator": "fixed",
              "steps": STEPS} for m, b in planned]
+    out += [{"table": "strategies", "strategy": st, "budget": b, "optimizer": "sgd_momentum", "allocator": "fixed",
+             "steps": STRATEGY_STEPS} for st in strategies for b in budgets]
     return out
 
 
@@ -239,22 +318,40 @@ def summary(result: dict[str, Any]) -> str:
                           "yes" if ratio <= TARGET_BUDGET_RATIO else "NO"))
     parts.append(markdown(("model", "budget MB", "batch", "frozen", "estimate MB", "measured MB",
                            "measured / budget", f"≤ {TARGET_BUDGET_RATIO}"), plan_rows))
+    strat_rows = []
+    for r in (r for r in result["rows"] if r["table"] == "strategies"):
+        if "error" in r:
+            strat_rows.append((r["strategy"], mb(r["budget_bytes"]), "—", "—", "—", "—", "—",
+                               r["error"].split(":")[0]))
+            continue
+        ratio = r["measured_bytes"] / r["budget_bytes"]
+        strat_rows.append((r["strategy"], mb(r["budget_bytes"]), mb(r["estimate_bytes"]), mb(r["measured_bytes"]),
+                           f"{ratio:.2f}", str(r["batch"]), "?" if r["replans"] is None else str(r["replans"]),
+                           "yes" if ratio <= TARGET_BUDGET_RATIO else "NO"))
+    if strat_rows:
+        parts.append(markdown(("strategy", "budget MB", "planned MB", "measured MB", "measured / budget",
+                               "batch", "re-plans", f"≤ {TARGET_BUDGET_RATIO}"), strat_rows))
     load = result["load_average"]
     parts.append(f"threads={est[0]['threads'] if est else '?'} steps={STEPS} cpu={result['cpu']} "
                  f"load={load['start'][0]:.1f}→{load['end'][0]:.1f}")
     return "\n\n".join(parts)
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, strategies: Sequence[str] = STRATEGIES, budgets: Sequence[str] = STRATEGY_BUDGETS,
+        only_strategies: bool = False) -> dict[str, Any]:
     from bench.export import cpu_name
 
     load_start, rows = list(os.getloadavg()), []
-    todo = configs(quick)
+    todo = configs(quick, strategies, budgets)
+    if only_strategies:
+        todo = [c for c in todo if c["table"] == "strategies"]
     for i, config in enumerate(todo, 1):
         row = run_fresh(config)
         rows.append(row)
-        outcome = "exceeded" if "exceeded" in row else f"{row['measured_bytes'] / MB:.1f} MB in {row['seconds']} s"
-        print(f"[{i}/{len(todo)}] {config['model']} {config.get('budget', config.get('batch'))} "
+        outcome = ("exceeded" if "exceeded" in row else row["error"][:80] if "error" in row
+                   else f"{row['measured_bytes'] / MB:.1f} MB in {row['seconds']} s")
+        print(f"[{i}/{len(todo)}] {config.get('model', config.get('strategy'))} "
+              f"{config.get('budget', config.get('batch'))} "
               f"{config['optimizer']} {config['allocator']}: {outcome}", file=sys.stderr)
     return {
         "command": " ".join(["python -m bench.memory", *sys.argv[1:]]),
@@ -275,12 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the fedavg_cnn pair and one planner budget")
     p.add_argument("--json", action="store_true", help="print the result JSON on stdout")
     p.add_argument("--out", type=Path)
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="strategies of the strategies table (comma-separated; empty: none)")
+    p.add_argument("--budgets", default=",".join(STRATEGY_BUDGETS), help="budgets of the strategies table")
+    p.add_argument("--only-strategies", action="store_true", help="only the strategies table")
     p.add_argument("--one", metavar="CONFIG", help=argparse.SUPPRESS)  # worker: one JSON config
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return 0
-    result = run(args.quick)
+    strategies = [x for x in args.strategies.split(",") if x]
+    budgets = [x for x in args.budgets.split(",") if x]
+    result = run(args.quick, strategies, budgets, args.only_strategies)
     out = args.out or RESULTS / ("memory-quick.json" if args.quick else "memory.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

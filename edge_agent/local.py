@@ -1,5 +1,10 @@
 """One task's local work as a function: build the model from the global weights, plan
-memory, train, and return the compressed delta with a report. No HTTP here."""
+memory, train, and return the compressed delta with a report. No HTTP here.
+
+Plans that hold: the plan is made with the strategy's hooks built (their
+`extra_memory_bytes` in the estimate), and after the first `RECHECK_STEPS` steps the
+measured peak is compared with the budget; over it, the round restarts from the global
+weights at half the batch (down to the planner's smallest), logged as a re-plan."""
 
 from __future__ import annotations
 
@@ -7,13 +12,14 @@ import copy
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from coordinator.protocol import Task, UpdateReport
-from edge_agent.budget import BudgetExceeded, PeakMemoryMeter, plan_training, trim_heap
+from edge_agent.budget import BudgetExceeded, PeakMemoryMeter, TrainingPlan, plan_training, shrunk_batch, trim_heap
 from models import ImageDataset, train_epochs
 from models.state import build_from_state, seeded_weights, to_numpy_state
 from models.training import TrainStats, iterate_batches
@@ -30,9 +36,27 @@ from sparse_kernels.patch import round_for_broadcast
 from strategies.base import RoundContext
 from strategies.registry import agent_half, hooks_for
 
-__all__ = ["BudgetExceeded", "LocalResult", "default_threads", "initial_weights", "run_task", "warm_up"]
+__all__ = ["RECHECK_STEPS", "BudgetExceeded", "LocalResult", "Planner", "default_threads", "initial_weights",
+           "run_task", "warm_up"]
 
 log = logging.getLogger("fedslim.agent")
+
+# Steps before the measured peak is compared with the budget: the second step is the
+# first to hold optimizer state and the previous gradients (steady state), one more for margin.
+RECHECK_STEPS = 3
+# the planner's smallest batch (`plan_training`'s batch_sizes): a re-plan never goes below
+MIN_BATCH = 4
+# (model, input shape, budget, *, preferred_batch, optimizer, hooks_bytes) → the plan;
+# `plan_training`, or a test's planner with a made-up estimate
+Planner = Callable[..., TrainingPlan]
+
+
+class _OverBudget(Exception):
+    """Raised from the step hook at the re-check: the measured peak is over the budget."""
+
+    def __init__(self, peak_bytes: int) -> None:
+        super().__init__(peak_bytes)
+        self.peak_bytes = peak_bytes
 
 
 @dataclass(frozen=True)
@@ -40,35 +64,62 @@ class LocalResult:
     body: bytes  # the encoded update
     report: UpdateReport
     delta: ModelDelta
+    replans: int = 0  # batch halvings after the re-check (the report's batch_size is the last)
 
 
 def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFeedback, *,
-             memory_budget_bytes: int | None = None, seed: int = 0, progress: bool = False) -> LocalResult:
+             memory_budget_bytes: int | None = None, seed: int = 0, progress: bool = False,
+             planner: Planner = plan_training) -> LocalResult:
     cfg = task.training
-    model = build_from_state(task.model, weights, in_channels=task.in_channels,
-                             num_classes=task.num_classes, image_size=task.image_size)
     budget = memory_budget_bytes
     if budget is None and task.memory_budget_mb:
         budget = int(task.memory_budget_mb * 2**20)
-    batch_size, planned = cfg.batch_size, 0
-    if budget is not None:
-        plan = plan_training(model, data.input_shape, budget, preferred_batch=cfg.batch_size,
-                             optimizer="sgd_momentum" if cfg.momentum else "sgd")
-        batch_size, planned = plan.batch_size, plan.estimate.total
-        plan.apply(model)  # freezes what the plan froze (requires_grad off)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    hooks = hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
-    if hooks.train:
-        warm_up(model, data)
-    start = time.perf_counter()
-    with PeakMemoryMeter() as meter, hooks.context:
+    batch_size: int | None = None  # None: plan; else the re-plan's batch
+    replans = 0
+    while True:
+        model = build_from_state(task.model, weights, in_channels=task.in_channels,
+                                 num_classes=task.num_classes, image_size=task.image_size)
+        # The hooks first: the plan covers what they hold (masks, copies, gradient buffers).
+        hooks = hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
+        plan = None
+        if budget is not None:
+            plan = planner(model, data.input_shape, budget, preferred_batch=batch_size or cfg.batch_size,
+                           optimizer="sgd_momentum" if cfg.momentum else "sgd",
+                           hooks_bytes=hooks.extra_memory_frozen or hooks.extra_memory_bytes)
+            plan.apply(model)  # freezes what the plan froze (requires_grad off)
+        batch = plan.batch_size if plan is not None else cfg.batch_size
+        planned = plan.estimate.total if plan is not None else 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         if hooks.train:
-            stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch_size,
-                                 seed=seed * 100_003 + task.round, progress=progress, max_steps=cfg.max_steps,
-                                 regularizer=hooks.regularizer, after_step=hooks.after_step)
-        else:
-            stats = TrainStats(loss=0.0, accuracy=0.0, samples=len(data), steps=0, seconds=0.0)
+            warm_up(model, data)
+        start = time.perf_counter()
+        try:
+            with PeakMemoryMeter() as meter, hooks.context:
+                if hooks.train:
+                    after_step = hooks.after_step if budget is None else _rechecked(
+                        hooks.after_step, meter, budget, can_shrink=batch > MIN_BATCH)
+                    stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch,
+                                         seed=seed * 100_003 + task.round, progress=progress,
+                                         max_steps=cfg.max_steps, regularizer=hooks.regularizer,
+                                         after_step=after_step)
+                else:
+                    stats = TrainStats(loss=0.0, accuracy=0.0, samples=len(data), steps=0, seconds=0.0)
+        except _OverBudget as over:
+            smaller = shrunk_batch(batch, over.peak_bytes, budget or 0, min_batch=MIN_BATCH)
+            assert smaller is not None  # raised only over the budget and above the smallest batch
+            replans += 1
+            log.warning("re-plan %d: measured %d B after %d steps at batch %d, over the budget of %d B "
+                        "(planned %d B); restarting the round at batch %d", replans, over.peak_bytes,
+                        RECHECK_STEPS, batch, budget, planned, smaller)
+            del model, hooks, optimizer, params, plan
+            trim_heap()
+            batch_size = smaller
+            continue
+        break
+    if budget is not None and meter.peak_rise_bytes > budget:
+        log.warning("training peak %d B over the budget of %d B at the smallest batch %d (planned %d B)",
+                    meter.peak_rise_bytes, budget, batch, planned)
     aux = hooks.aux() if hooks.aux else {}
     meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
                      num_samples=stats.samples, kind="delta")
@@ -88,9 +139,28 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         num_samples=max(stats.samples, 1), train_loss=float(np.nan_to_num(stats.loss, nan=1e9, posinf=1e9)),
         train_accuracy=stats.accuracy, train_seconds=time.perf_counter() - start,
         peak_memory_bytes=meter.peak_rise_bytes, planned_memory_bytes=planned,
-        baseline_memory_bytes=meter.baseline_bytes, batch_size=batch_size,
+        baseline_memory_bytes=meter.baseline_bytes, batch_size=batch,
     )
-    return LocalResult(body, report, delta)
+    return LocalResult(body, report, delta, replans)
+
+
+def _rechecked(after_step: Callable[[], None] | None, meter: PeakMemoryMeter, budget: int, *,
+               can_shrink: bool) -> Callable[[], None]:
+    """`after_step` plus the re-check: after step `RECHECK_STEPS`, raise `_OverBudget` when
+    the peak so far is over `budget` and the batch can still shrink (the caller re-plans)."""
+    steps = 0
+
+    def step() -> None:
+        nonlocal steps
+        if after_step is not None:
+            after_step()
+        steps += 1
+        if steps == RECHECK_STEPS and can_shrink:
+            peak = meter.peak_rise_so_far()
+            if peak > budget:
+                raise _OverBudget(peak)
+
+    return step
 
 
 def warm_up(model: torch.nn.Module, data: ImageDataset) -> None:

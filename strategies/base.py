@@ -42,6 +42,8 @@ __all__ = [
     "RoundResult",
     "Strategy",
     "Weights",
+    "largest_bytes",
+    "masks_bytes",
 ]
 
 AUX_PREFIX = "aux/"  # names of uploaded tensors that are statistics, not deltas
@@ -120,6 +122,28 @@ class LocalHooks:
     train: bool = True
     # called after training: auxiliary tensors to upload ("aux/<name>" → array)
     aux: Callable[[], dict[str, np.ndarray]] | None = None
+    # training memory the hooks hold beyond the plain model's working set, in bytes (masks,
+    # masked weight copies, gradient buffers, their per-step temporaries): the agent's
+    # memory plan adds it before choosing the batch size and frozen layers
+    extra_memory_bytes: int = 0
+    # the same for a plan that freezes these parameter names (None: independent of it);
+    # frozen layers save no masked copy for backward and get no gradient buffers
+    extra_memory_frozen: Callable[[tuple[str, ...]], int] | None = None
+
+
+def _numel(t: Any) -> int:
+    return int(t.numel()) if callable(getattr(t, "numel", None)) else int(t.size)  # torch or numpy
+
+
+def masks_bytes(masks: Mapping[str, Any], *, itemsize: int = 1) -> int:
+    """Bytes of the tensors in `masks` at `itemsize` (1: boolean keep-masks, torch or numpy;
+    4: float32 tensors of the masked weights' shapes)."""
+    return sum(_numel(m) for m in masks.values()) * itemsize
+
+
+def largest_bytes(masks: Mapping[str, Any], *, itemsize: int = 4) -> int:
+    """Bytes of the largest tensor in `masks` at `itemsize`: a per-step float temporary."""
+    return max((_numel(m) for m in masks.values()), default=0) * itemsize
 
 
 # (task's strategy params, model built from the global weights, those weights, local data)

@@ -27,7 +27,7 @@ estimate (and the budget guarantee) assume it.
 
 from edge_agent.budget.estimate import OPTIMIZER_STATE_SLOTS, OptimizerName, estimate_training_memory, freeze_units
 from edge_agent.budget.meter import PeakMemoryMeter, configure_allocator, trim_heap
-from edge_agent.budget.plan import TrainingPlan, plan_training, plan_within
+from edge_agent.budget.plan import TrainingPlan, plan_training, plan_within, shrunk_batch, with_hooks
 from edge_agent.budget.sizes import MIB, BudgetExceeded, MemoryEstimate, format_size, parse_size
 
 __all__ = [
@@ -45,5 +45,7 @@ __all__ = [
     "parse_size",
     "plan_training",
     "plan_within",
+    "shrunk_batch",
     "trim_heap",
+    "with_hooks",
 ]

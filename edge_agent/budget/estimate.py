@@ -155,10 +155,11 @@ def estimate_training_memory(
     )
 
 
-def freeze_units(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, tuple[str, ...]]]:
+def freeze_units(model: nn.Module, input_shape: Sequence[int], *,
+                 device: torch.device | str = "meta") -> list[tuple[str, tuple[str, ...]]]:
     """Freezable units: modules that own parameters, in forward execution order, each with
     the full names of its parameters. Freezing "the first k layers" freezes the first k."""
-    saved = _count_saved(model, input_shape, 1, None, "meta")
+    saved = _count_saved(model, input_shape, 1, None, device)
     units = []
     for module_name in saved.order:
         module = model.get_submodule(module_name)

@@ -100,6 +100,14 @@ class PeakMemoryMeter:
     def peak_rise_bytes(self) -> int:
         return max(0, self.peak_bytes - self.baseline_bytes)
 
+    def peak_rise_so_far(self) -> int:
+        """Inside the block: the peak rise up to now (the re-check after the first steps)."""
+        if self.method == "vmhwm":
+            hwm = _read_status_kb("VmHWM")
+            if hwm is not None:
+                self.peak_bytes = max(self.peak_bytes, hwm)
+        return self.peak_rise_bytes
+
     def __enter__(self) -> PeakMemoryMeter:
         gc.collect()
         trim_heap()

@@ -5,7 +5,7 @@ an estimate callable and the model's freezable units, testable with made-up numb
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from edge_agent.budget.sizes import BudgetExceeded, MemoryEstimate, format_size
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from edge_agent.budget.estimate import OptimizerName
 
-__all__ = ["Estimate", "TrainingPlan", "Units", "plan_training", "plan_within"]
+__all__ = ["Estimate", "TrainingPlan", "Units", "plan_training", "plan_within", "shrunk_batch", "with_hooks"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,28 @@ Estimate = Callable[[int, tuple[str, ...]], MemoryEstimate]
 Units = Sequence[tuple[str, tuple[str, ...]]]
 
 
+def with_hooks(estimate: Estimate, hooks_bytes: int | Callable[[tuple[str, ...]], int]) -> Estimate:
+    """`estimate` plus the strategy hooks' own training memory (`LocalHooks.extra_memory_bytes`,
+    or `extra_memory_frozen`: bytes as a function of the frozen names), so the plan is made
+    for the training that will run, not for the plain model."""
+    if isinstance(hooks_bytes, int) and hooks_bytes < 0:
+        raise ValueError(f"hooks_bytes must be >= 0, got {hooks_bytes}")
+
+    def estimate_with_hooks(batch: int, frozen: tuple[str, ...]) -> MemoryEstimate:
+        extra = hooks_bytes(frozen) if callable(hooks_bytes) else hooks_bytes
+        return replace(estimate(batch, frozen), hooks_bytes=extra)
+
+    return estimate_with_hooks
+
+
+def shrunk_batch(batch: int, measured_bytes: int, budget_bytes: int, *, min_batch: int = 4) -> int | None:
+    """The re-plan after the first steps: half the batch (never below `min_batch`) when the
+    measured peak is over the budget; None when it is within, or the batch cannot shrink."""
+    if measured_bytes <= budget_bytes or batch <= min_batch:
+        return None
+    return max(min_batch, batch // 2)
+
+
 def plan_training(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -49,6 +71,7 @@ def plan_training(
     preferred_batch: int = 64,
     optimizer: OptimizerName = "sgd_momentum",
     allow_freeze: bool = True,
+    hooks_bytes: int | Callable[[tuple[str, ...]], int] = 0,
 ) -> TrainingPlan:
     """Plan one agent's local training within `budget_bytes` of working set.
 
@@ -58,14 +81,32 @@ def plan_training(
        the smallest batch fit, then take the largest batch that fits with that freeze.
        At least the last layer stays trainable. Fewer frozen layers win over a bigger batch.
     3. Otherwise raise `BudgetExceeded` naming the smallest working set found.
+
+    hooks_bytes: the strategy's own training memory (`LocalHooks.extra_memory_bytes`),
+    added to every estimate (it does not shrink with the batch or with freezing).
     """
     from edge_agent.budget.estimate import estimate_training_memory, freeze_units
 
+    # Counting on "meta" allocates nothing; a model whose forward reads values (the gated
+    # models of `dynamic` call .item()) cannot run there and is counted on a real CPU pass
+    # over a copy (before training, so outside the measured peak).
+    device = ["meta"]
+
     def estimate(batch: int, frozen: tuple[str, ...]) -> MemoryEstimate:
         trainable = None if not frozen else {n for n, _ in model.named_parameters()} - set(frozen)
-        return estimate_training_memory(model, input_shape, batch, optimizer=optimizer, trainable=trainable)
+        try:
+            return estimate_training_memory(model, input_shape, batch, optimizer=optimizer, trainable=trainable,
+                                            device=device[0])
+        except (RuntimeError, NotImplementedError):
+            if device[0] != "meta":
+                raise
+            device[0] = "cpu"
+            return estimate_training_memory(model, input_shape, batch, optimizer=optimizer, trainable=trainable,
+                                            device="cpu")
 
-    return plan_within(budget_bytes, estimate, lambda: freeze_units(model, input_shape), batch_sizes=batch_sizes,
+    return plan_within(budget_bytes, with_hooks(estimate, hooks_bytes),
+                       lambda: freeze_units(model, input_shape, device=device[0]),
+                       batch_sizes=batch_sizes,
                        preferred_batch=preferred_batch, allow_freeze=allow_freeze)
 
 

@@ -80,16 +80,19 @@ class MemoryEstimate:
     # transients: backward's gradient of a layer's output, or a forward layer's input,
     # output and scratch (frozen layers too), plus the optimiser's temporary and slack
     workspace_bytes: int
+    # what the strategy's training hooks add (masks, FedDIP's masked weight copies,
+    # FedTiny's gradient top-k buffers): `LocalHooks.extra_memory_bytes`
+    hooks_bytes: int = 0
 
     @property
     def total(self) -> int:
         return (self.params_bytes + self.grads_bytes + self.optimizer_bytes
-                + self.activations_bytes + self.input_bytes + self.workspace_bytes)
+                + self.activations_bytes + self.input_bytes + self.workspace_bytes + self.hooks_bytes)
 
     def describe(self) -> str:
         """One line for logs and error messages."""
         parts = (("params", self.params_bytes), ("grads", self.grads_bytes),
                  ("optimizer", self.optimizer_bytes), ("activations", self.activations_bytes),
-                 ("input", self.input_bytes), ("workspace", self.workspace_bytes))
+                 ("input", self.input_bytes), ("workspace", self.workspace_bytes), ("hooks", self.hooks_bytes))
         inner = ", ".join(f"{name} {format_size(v)}" for name, v in parts)
         return f"{format_size(self.total)} at batch {self.batch_size} ({inner})"

@@ -13,7 +13,7 @@ from torch import nn
 
 from models import ImageDataset
 from pruning.masks import apply_masks, masks_from_zeros
-from strategies.base import LocalHooks
+from strategies.base import LocalHooks, largest_bytes, masks_bytes
 
 __all__ = ["autoflip_hooks"]
 
@@ -28,4 +28,7 @@ def autoflip_hooks(params: Mapping[str, Any], model: nn.Module, weights: dict[st
     def after_step() -> None:
         apply_masks(model, masks)
 
-    return LocalHooks(after_step=after_step, upload_support={n: m.cpu().numpy() for n, m in masks.items()})
+    # the boolean masks, and apply_masks' float copy of one mask after each step
+    extra = masks_bytes(masks) + largest_bytes(masks)
+    return LocalHooks(after_step=after_step, upload_support={n: m.cpu().numpy() for n, m in masks.items()},
+                      extra_memory_bytes=extra)

@@ -18,7 +18,7 @@ from torch import nn
 
 from models import ImageDataset
 from pruning.masks import masks_from_zeros
-from strategies.base import LocalHooks
+from strategies.base import LocalHooks, largest_bytes, masks_bytes
 from strategies.feddip.ops import MaskedForward, feddip_regularizer
 
 __all__ = ["feddip_hooks"]
@@ -32,7 +32,19 @@ def feddip_hooks(params: Mapping[str, Any], model: nn.Module, weights: dict[str,
     # Only layers with pruned entries need the masked forward; the regulariser covers all
     # masked layers (for a dense layer w⊙m = w).
     sparse = {n: m for n, m in masks.items() if not bool(m.all())}
+
+    def extra(frozen: tuple[str, ...]) -> int:
+        trains = set(masks) - set(frozen)
+        return (masks_bytes(masks)  # the boolean masks
+                + largest_bytes(sparse)  # the forward's (w⊙m − w) temporary
+                # w⊙m per trainable sparse layer, which the layer saves for backward
+                + masks_bytes({n: m for n, m in sparse.items() if n in trains}, itemsize=4)
+                # the regulariser's w⊙m per trainable layer, saved by the norm's backward
+                + (masks_bytes({n: m for n, m in masks.items() if n in trains}, itemsize=4) if lam > 0 else 0))
+
     return LocalHooks(
+        extra_memory_bytes=extra(()),
+        extra_memory_frozen=extra,
         regularizer=feddip_regularizer(masks, lam) if lam > 0 else None,
         context=MaskedForward(model, sparse, error_feedback=error_feedback),
         upload_support=None,  # dense delta: pruned coordinates that learned can come back

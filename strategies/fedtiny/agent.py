@@ -23,7 +23,7 @@ from torch import nn
 from models import ImageDataset
 from models.training import evaluate, iterate_batches
 from pruning.masks import apply_masks
-from strategies.base import LocalHooks, Weights
+from strategies.base import LocalHooks, Weights, largest_bytes, masks_bytes
 from strategies.fedtiny.ops import (
     PrunedGradientTopK,
     fedtiny_weight_names,
@@ -52,12 +52,49 @@ def fedtiny_hooks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
         apply_masks(model, masks)
 
     grow = {n: int(k) for n, k in params.get("grow", {}).items()}
+    # the boolean masks, and apply_masks' float copy of one mask after each step
+    extra = masks_bytes(masks) + largest_bytes(masks)
     hooks = LocalHooks(after_step=after_step, upload_support={n: m.numpy() for n, m in masks.items()})
     if grow:
-        tops = PrunedGradientTopK(model, masks, grow)
+        tops = _TrainableTops(model, masks, grow)
         hooks.context = tops
         hooks.aux = _grow_upload(tops, weights)
+
+        def with_tops(frozen: tuple[str, ...]) -> int:
+            trains = {n: k for n, k in grow.items() if n not in frozen}  # frozen layers get no tops
+            # per step: |grad| scores and the pruned mask of one layer (float + bool), and per
+            # layer the running (index int64, sum fp32) buffer of 2n entries, concatenated and
+            # de-duplicated while it merges (about 3 copies)
+            return (extra + largest_bytes({n: masks[n] for n in trains}, itemsize=5)
+                    + sum(3 * 12 * 2 * k for k in trains.values()))
+
+        hooks.extra_memory_frozen = with_tops
+        hooks.extra_memory_bytes = with_tops(())
+    else:
+        hooks.extra_memory_bytes = extra
     return hooks
+
+
+class _TrainableTops:
+    """`PrunedGradientTopK` over the grown layers that train: a memory plan may freeze
+    leading layers, which then get no gradient (their tops upload as zeros)."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], grow: dict[str, int]) -> None:
+        self.model, self.masks, self.grow = model, masks, grow
+        self.tops: PrunedGradientTopK | None = None
+
+    def __enter__(self) -> _TrainableTops:
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        self.tops = PrunedGradientTopK(self.model, self.masks, {n: k for n, k in self.grow.items() if n in trainable})
+        self.tops.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tops is not None:
+            self.tops.__exit__(None, None, None)
+
+    def result(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self.tops.result() if self.tops is not None else {}
 
 
 def _masked_copy(model: nn.Module, masks: dict[str, np.ndarray]) -> nn.Module:
@@ -87,12 +124,15 @@ def _candidate_losses(model: nn.Module, pool: list[Weights], data: ImageDataset,
     return {"aux/loss": losses}
 
 
-def _grow_upload(tops: PrunedGradientTopK, weights: Weights) -> Callable[[], Weights]:
+def _grow_upload(tops: _TrainableTops, weights: Weights) -> Callable[[], Weights]:
     def aux() -> Weights:
         out = {}
-        for name, (idx, val) in tops.result().items():
+        result = tops.result()
+        for name in tops.grow:  # every layer the server asked for; a frozen one uploads zeros
             g = np.zeros(weights[name].size, dtype=np.float32)
-            g[idx.numpy()] = val.numpy()
+            if name in result:
+                idx, val = result[name]
+                g[idx.numpy()] = val.numpy()
             out[f"aux/grow/{name}"] = g.reshape(weights[name].shape)
         return out
 
