@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def federation_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).resolve()
+    for stale in ("coordinator", "agents"):  # a run is a fresh federation: an earlier run's
+        shutil.rmtree(out / stale, ignore_errors=True)  # agents would count as enrolled
     (out / "logs").mkdir(parents=True, exist_ok=True)
     port = args.port or _free_port()
     url = f"http://127.0.0.1:{port}"
