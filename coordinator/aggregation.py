@@ -51,6 +51,7 @@ class RoundUpdates:
     bound: float | None
     wants_squares: bool = False
     folded: dict[str, float] = field(default_factory=dict)  # agent -> weight
+    declined: dict[str, int | None] = field(default_factory=dict)  # agent -> bytes it needs
     digests: dict[str, str] = field(default_factory=dict)  # sha256 of the body -> agent
     clipped: int = 0
     bytes_up: int = 0

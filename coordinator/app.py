@@ -37,6 +37,7 @@ from coordinator.protocol import (
     EnrollResponse,
     FederationCreate,
     FederationPublic,
+    TaskDecline,
     UpdateReceipt,
     UpdateReport,
 )
@@ -67,9 +68,11 @@ def _public(row: FederationRow) -> FederationPublic:
                             error=row.error)
 
 
-def _agent_public(svc: CoordinatorService, a: AgentRow) -> AgentPublic:
+def _agent_public(svc: CoordinatorService, a: AgentRow,
+                  needs: dict[str, dict[str, int]] | None = None) -> AgentPublic:
     return AgentPublic(id=a.id, name=a.name, enrolled_at=a.enrolled_at, last_seen=a.last_seen,
-                       status=svc.agent_status(a), memory_budget_bytes=svc.auth.budget(a))
+                       status=svc.agent_status(a), memory_budget_bytes=svc.auth.budget(a),
+                       needs_bytes=needs.get(a.id, {}) if needs else {})
 
 
 def _client_ip(request: Request) -> str:
@@ -156,7 +159,8 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
 
     @api.get("/agents", dependencies=[Admin])
     def list_agents() -> list[AgentPublic]:
-        return [_agent_public(svc, a) for a in svc.list_agents()]
+        needs = svc.agent_needs()
+        return [_agent_public(svc, a, needs) for a in svc.list_agents()]
 
     @api.delete("/agents/{agent_id}", dependencies=[Admin])
     def revoke_agent(agent_id: AgentId) -> AgentPublic:
@@ -222,6 +226,16 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     def export_report(fid: FederationId) -> dict:
         """MACs dense vs pruned, parity, ORT latency and accuracy of the exported model."""
         return svc.export(fid)[1]
+
+    @api.post("/federations/{fid}/rounds/{rnd}/decline")
+    def decline(fid: FederationId, rnd: RoundNo, body: TaskDecline, request: Request,
+                who: Annotated[AgentRow, Depends(agent)]) -> dict:
+        """The agent cannot train this round (its memory budget fits nothing, say): the round
+        stops waiting for it, and with `needed_bytes` it is not sampled again for this
+        federation until it states a budget that large."""
+        svc.auth.check_upload_rate(who, _client_ip(request))
+        recorded = svc.decline_task(who, fid, rnd, body)
+        return {"federation_id": fid, "round": rnd, "recorded": recorded}
 
     # ---------------------------------------------------------------- updates
     @api.put("/federations/{fid}/rounds/{rnd}/update")

@@ -28,6 +28,7 @@ __all__ = [
     "RoundMetrics",
     "StrategySpec",
     "Task",
+    "TaskDecline",
     "TrainingConfig",
     "UpdateReceipt",
     "UpdateReport",
@@ -186,6 +187,8 @@ class AgentPublic(_Strict):
     last_seen: float
     status: str  # online | offline | revoked
     memory_budget_bytes: int | None = None
+    # federation -> the smallest budget (bytes) that would fit its task, from the agent's declines
+    needs_bytes: dict[str, int] = Field(default_factory=dict)
 
 
 class Task(_Strict):
@@ -222,6 +225,15 @@ class UpdateReport(_Strict):
     planned_memory_bytes: int = Field(0, ge=0, le=2**50)
     baseline_memory_bytes: int = Field(0, ge=0, le=2**50)
     batch_size: int = Field(0, ge=0, le=10**6)
+
+
+class TaskDecline(_Strict):
+    """An agent that cannot train its task says why, so the round stops waiting for it; with
+    `needed_bytes` (the smallest training memory that would fit) the coordinator does not
+    sample it again for this federation until it states a budget at least that large."""
+
+    reason: str = Field(min_length=1, max_length=500)
+    needed_bytes: int | None = Field(None, gt=0, le=2**50)
 
 
 class UpdateReceipt(_Strict):

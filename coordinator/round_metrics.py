@@ -23,14 +23,17 @@ def weight_density(weights: Weights) -> float:
 def round_metrics(*, rnd: int, attempt: int, selected: int, updates: Sequence[UpdateRow], weights: Weights,
                   accuracy: float, loss: float, macs: int, bytes_down: int, seconds: float,
                   budget_mb: float | None, clipped: int, rule: str,
-                  strategy_metrics: dict[str, Any]) -> dict[str, Any]:
+                  strategy_metrics: dict[str, Any],
+                  declined: dict[str, int | None] | None = None) -> dict[str, Any]:
+    declined = declined or {}
     reports = [u.report for u in updates]
     # Reports are bounded by the protocol; float() keeps a huge int from overflowing numpy.
     losses = [float(r["train_loss"]) for r in reports]
     samples = [float(u.num_samples) for u in updates]
     return {
         "round": rnd, "accuracy": accuracy, "loss": loss,
-        "participants": len(updates), "stragglers": selected - len(updates),
+        "participants": len(updates), "stragglers": selected - len(updates) - len(declined),
+        "declined": [{"agent": a, "needed_bytes": n} for a, n in declined.items()],
         "bytes_up": sum(u.bytes for u in updates), "bytes_down": bytes_down,
         "seconds": round(seconds, 3), "attempts": attempt,
         "params": int(sum(v.size for k, v in weights.items() if not is_bn_stat(k))),

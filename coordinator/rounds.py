@@ -24,12 +24,11 @@ def select_clients(
 
 
 def round_decision(
-    *, received: int, selected: int, min_clients: int, deadline: float, now: float
+    *, received: int, selected: int, min_clients: int, deadline: float, now: float, declined: int = 0
 ) -> Literal["wait", "close", "retry"]:
-    """Close when every selected agent reported, or at the deadline with at least
-    `min_clients` updates; at the deadline with fewer, retry the round with a new sample."""
-    if received >= selected:
-        return "close"
-    if now < deadline:
-        return "wait"
-    return "close" if received >= min_clients else "retry"
+    """Close when every selected agent answered (an update, or a decline: its budget fits
+    nothing), or at the deadline, with at least `min_clients` updates; with fewer, retry
+    the round with a new sample — at once when everyone has answered, not at the deadline."""
+    if received + declined >= selected or now >= deadline:
+        return "close" if received >= min_clients else "retry"
+    return "wait"

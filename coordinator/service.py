@@ -45,7 +45,7 @@ from coordinator.errors import (
 from coordinator.evaluation import Evaluator
 from coordinator.exports import ExportCache
 from coordinator.isolation import Backoff
-from coordinator.protocol import FederationCreate, FederationStatus, Task, UpdateReport
+from coordinator.protocol import FederationCreate, FederationStatus, Task, TaskDecline, UpdateReport
 from coordinator.round_metrics import round_metrics
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow
@@ -74,6 +74,7 @@ class _Live:
     weights: Weights
     state: dict[str, np.ndarray]  # strategy arrays + the server's broadcast residual
     members: set[str]  # agents ever selected: the only ones that may read its models
+    needs: dict[str, int]  # agent -> the training memory it said this federation's task needs
     updates: RoundUpdates | None = None  # the open attempt's accepted updates
     round_started: float = dataclasses.field(default_factory=time.time)
 
@@ -381,10 +382,12 @@ class CoordinatorService:
                                    wants_squares=live.strategy.wants_second_moment)
             with self.store.tx() as conn:
                 stored = self.store.list_updates(conn, fid, row.round, row.attempt)
+                declined = self.store.list_declines(conn, fid, row.round, row.attempt)
             for u in stored:
                 delta = decode(self.store.blobs.get(u.blob), expected=updates.shapes,
                                max_bytes=max(self.settings.max_upload_bytes, u.bytes))
                 updates.add(u.agent_id, delta, u.num_samples, digest=u.blob, nbytes=u.bytes)
+            updates.declined = {d["agent_id"]: d["needed_bytes"] for d in declined}
             live.updates = updates
         return live.updates
 
@@ -461,8 +464,8 @@ class CoordinatorService:
         live = self._load(fed)
         updates = self._updates(fed.id, live, rnd)
         decision = rules.round_decision(
-            received=updates.count, selected=len(rnd.selected), min_clients=live.config.min_clients,
-            deadline=rnd.deadline, now=now,
+            received=updates.count, declined=len(updates.declined), selected=len(rnd.selected),
+            min_clients=live.config.min_clients, deadline=rnd.deadline, now=now,
         )
         if decision == "close":
             self.board.withdraw(fed.id)
@@ -485,7 +488,8 @@ class CoordinatorService:
         cfg = live.config
         with self.store.tx() as conn:
             candidates = [a.id for a in self.store.list_agents(conn)
-                          if now - a.last_seen <= self.settings.agent_timeout_s and a.revoked_at is None]
+                          if now - a.last_seen <= self.settings.agent_timeout_s and a.revoked_at is None
+                          and self._fits(live, a)]
         selected = rules.select_clients(
             candidates, cfg.clients_per_round, cfg.min_clients, seed=cfg.seed, rnd=fed.current_round + 1, attempt=attempt,
         )
@@ -499,6 +503,38 @@ class CoordinatorService:
         live.round_started = now if attempt == 1 else live.round_started
         log.info("federation %s: round %d opened (attempt %d) with %d agents", fed.id, row.round, attempt, len(selected))
         self._publish(fed, live, row)
+
+    def _fits(self, live: _Live, agent: AgentRow) -> bool:
+        """False for an agent that declined this federation's task for want of memory and has
+        not stated a budget that large since."""
+        need = live.needs.get(agent.id)
+        if need is None:
+            return True
+        budget = self.auth.budget(agent)
+        return budget is not None and budget >= need
+
+    def decline_task(self, agent: AgentRow, fid: str, rnd: int, decline: TaskDecline) -> bool:
+        """Record that `agent` cannot train round `rnd` (returns False if it already said so);
+        the round stops waiting for it. Raises StaleUpdate like an upload would."""
+        with self.lock:
+            target = self._upload_target(agent, fid, rnd, digest="")
+            if target is None:  # pragma: no cover - an empty digest never matches an upload
+                return False
+            live, updates, _, _ = target
+            if agent.id in updates.declined:
+                return False
+            with self.store.tx() as conn:
+                self.store.add_decline(conn, fid, rnd, agent.id, updates.key[1], decline.needed_bytes, decline.reason)
+            updates.declined[agent.id] = decline.needed_bytes
+            if decline.needed_bytes is not None:
+                live.needs[agent.id] = decline.needed_bytes
+            self.board.mark_done(fid, rnd, updates.key[1], agent.id)
+        log.info("federation %s round %d: agent %s declined (%s)", fid, rnd, agent.id, decline.reason)
+        return True
+
+    def agent_needs(self) -> dict[str, dict[str, int]]:
+        with self.store.tx() as conn:
+            return self.store.needs_by_agent(conn)
 
     def _close_round(self, fed: FederationRow, live: _Live, row: RoundRow, updates: RoundUpdates, now: float) -> None:
         cfg = live.config
@@ -526,6 +562,7 @@ class CoordinatorService:
             accuracy=evaluation.accuracy, loss=evaluation.loss, macs=self.evaluator.macs(cfg, cast.weights),
             bytes_down=bytes_down, seconds=now - live.round_started, budget_mb=cfg.memory_budget_mb,
             clipped=updates.clipped, rule=cfg.aggregation.rule, strategy_metrics=result.metrics,
+            declined=updates.declined,
         )
         full_blob = self.store.blobs.put(encode_model(fed.id, version, cast.weights))
         patch_blob = self.store.blobs.put(cast.patch) if cast.patch is not None else None
@@ -554,12 +591,14 @@ class CoordinatorService:
         with self.store.tx() as conn:
             m = self.store.get_model(conn, fed.id, fed.model_version)
             members = {a for r in self.store.list_rounds(conn, fed.id) for a in r.selected}
+            needs = {d["agent_id"]: int(d["needed_bytes"]) for d in self.store.list_declines(conn, fed.id)
+                     if d["needed_bytes"] is not None}
         if m is None:
             raise FederationFailed(f"federation {fed.id} has no model version {fed.model_version}")
         weights = decode(self.store.blobs.get(m["blob"]), max_bytes=MAX_MODEL_BLOB).to_dense()
         state = _from_npz(self.store.blobs.get(m["state_blob"])) if m["state_blob"] else {}
         strategy = build_strategy(config.strategy.name, config.strategy.params)
-        live = _Live(config, strategy, fed.model_version, weights, state, members)
+        live = _Live(config, strategy, fed.model_version, weights, state, members, needs)
         self._live[fed.id] = live
         return live
 

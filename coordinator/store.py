@@ -87,6 +87,16 @@ updates = Table(
     Column("blob", String(64), nullable=False),
     Column("report", Text, nullable=False),
 )
+declines = Table(  # agents that answered a task with "my budget fits nothing"
+    "declines", metadata,
+    Column("federation_id", String(64), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("agent_id", String(64), primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("needed_bytes", Integer),
+    Column("reason", Text, nullable=False),
+    Column("declined_at", Float, nullable=False),
+)
 models = Table(
     "models", metadata,
     Column("federation_id", String(64), primary_key=True),
@@ -289,6 +299,31 @@ class Store:
     def delete_update(self, conn: Connection, fid: str, rnd: int, agent_id: str) -> None:
         key = (updates.c.federation_id == fid) & (updates.c.round == rnd) & (updates.c.agent_id == agent_id)
         conn.execute(updates.delete().where(key))
+
+    # ---------------------------------------------------------------- declines
+    def add_decline(self, conn: Connection, fid: str, rnd: int, agent_id: str, attempt: int,
+                    needed_bytes: int | None, reason: str) -> None:
+        key = (declines.c.federation_id == fid) & (declines.c.round == rnd) & (declines.c.agent_id == agent_id)
+        conn.execute(declines.delete().where(key))  # an earlier attempt's
+        conn.execute(declines.insert().values(federation_id=fid, round=rnd, agent_id=agent_id, attempt=attempt,
+                                              needed_bytes=needed_bytes, reason=reason, declined_at=time.time()))
+
+    def list_declines(self, conn: Connection, fid: str, rnd: int | None = None,
+                      attempt: int | None = None) -> list[dict[str, Any]]:
+        q = select(declines).where(declines.c.federation_id == fid)
+        if rnd is not None:
+            q = q.where(declines.c.round == rnd)
+        if attempt is not None:
+            q = q.where(declines.c.attempt == attempt)
+        return [dict(r) for r in conn.execute(q.order_by(declines.c.round, declines.c.declined_at)).mappings()]
+
+    def needs_by_agent(self, conn: Connection) -> dict[str, dict[str, int]]:
+        """agent -> federation -> the largest budget it said it needs (its latest decline)."""
+        out: dict[str, dict[str, int]] = {}
+        q = select(declines).where(declines.c.needed_bytes.is_not(None)).order_by(declines.c.declined_at)
+        for r in conn.execute(q).mappings():
+            out.setdefault(r["agent_id"], {})[r["federation_id"]] = int(r["needed_bytes"])
+        return out
 
     # ---------------------------------------------------------------- models
     def add_model(self, conn: Connection, fid: str, version: int, blob: str,

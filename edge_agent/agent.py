@@ -166,9 +166,14 @@ class EdgeAgent:
             try:
                 self.handle(task)
                 done += 1
-            except BudgetExceeded as exc:
+            except BudgetExceeded as exc:  # say so: the round stops waiting, we are not resampled
                 log.error("round %d: %s", task.round, exc)
-                time.sleep(poll_s)
+                try:
+                    self.client.decline_task(task.federation_id, task.round, reason=str(exc),
+                                             needed_bytes=exc.needed_bytes)
+                except (CoordinatorRefused, CoordinatorUnavailable) as refused:
+                    log.warning("round %d: could not decline (%s)", task.round, refused)
+                    time.sleep(poll_s)
             except CoordinatorRefused as exc:
                 log.warning("round %d: coordinator refused: %s", task.round, exc)
                 if exc.status == 401:

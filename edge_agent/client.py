@@ -22,6 +22,7 @@ from coordinator.protocol import (
     EnrollRequest,
     EnrollResponse,
     Task,
+    TaskDecline,
     UpdateReceipt,
     UpdateReport,
 )
@@ -110,6 +111,11 @@ class CoordinatorClient:
             raise CoordinatorRefused(resp.status_code, f"unexpected response for {path}")
         self.bytes_down += len(resp.content)
         return resp
+
+    def decline_task(self, federation_id: str, rnd: int, *, reason: str, needed_bytes: int | None = None) -> None:
+        """Tell the coordinator this round cannot be trained here (so it stops waiting)."""
+        body = TaskDecline(reason=reason[:500], needed_bytes=needed_bytes)
+        self._request("POST", f"/federations/{federation_id}/rounds/{rnd}/decline", json=body.model_dump())
 
     def upload_update(self, federation_id: str, rnd: int, body: bytes, report: UpdateReport) -> UpdateReceipt:
         resp = self._request("PUT", f"/federations/{federation_id}/rounds/{rnd}/update", content=body,
