@@ -59,3 +59,18 @@ def test_backoff_fails_persistent_errors_and_retries_storage_errors_forever() ->
     assert all(b.record("h", OSError(28, "No space left"), 0.0) == "retry" for _ in range(10))
     b.clear("f")
     assert b.ready("f", 0.0) and [s["federation_id"] for s in b.snapshot(0.0)] == ["g", "h"]
+
+
+@pytest.mark.parametrize(("received", "declined", "now", "want"), [
+    (1, 0, 0.0, "wait"),    # 1 of 3 answered, before the deadline
+    (2, 1, 0.0, "close"),   # everyone answered: no need to wait for the deadline
+    (0, 3, 0.0, "retry"),   # everyone declined: a new sample at once
+    (1, 2, 0.0, "retry"),   # answered, but fewer updates than min_clients (2)
+    (2, 0, 10.0, "close"),  # deadline with enough updates
+    (1, 0, 10.0, "retry"),  # deadline with too few
+])
+def test_round_decision_counts_declines_as_answers(received: int, declined: int, now: float, want: str) -> None:
+    from coordinator.rounds import round_decision
+
+    assert round_decision(received=received, declined=declined, selected=3, min_clients=2,
+                          deadline=5.0, now=now) == want
