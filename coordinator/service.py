@@ -21,8 +21,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,14 +46,14 @@ from coordinator.isolation import Backoff
 from coordinator.protocol import FederationCreate, FederationStatus, Task, TaskDecline, UpdateReport
 from coordinator.round_metrics import round_metrics
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow
+from coordinator.store import AgentRow, BlobCache, FederationRow, RoundRow, Store, UpdateRow
 from coordinator.tasks import OpenRound, TaskBoard
-from sparse_kernels import MAX_MODEL_BYTES, CodecError, ModelDelta, decode
+from coordinator.uploads import upload_shapes, validate_upload
+from sparse_kernels import MAX_MODEL_BYTES, decode
 from sparse_kernels.npz import arrays_from_npz as _from_npz
 from sparse_kernels.npz import arrays_to_npz as _npz
 from sparse_kernels.patch import encode_model
-from sparse_kernels.robust import delta_norm
-from strategies import AUX_PREFIX, RoundContext, Strategy, Weights, build_strategy
+from strategies import RoundContext, Strategy, Weights, build_strategy
 
 __all__ = ["CoordinatorService"]
 
@@ -305,7 +303,7 @@ class CoordinatorService:
             if target is None:
                 return True, True  # an idempotent retry: counted once
             live, updates, base_version, deadline = target
-        delta = _validate(fid, rnd, base_version, body, updates.shapes, live.config.max_update_norm,
+        delta = validate_upload(fid, rnd, base_version, body, updates.shapes, live.config.max_update_norm,
                           self.settings.max_upload_bytes)
         self.store.blobs.put(body)
         with self.lock:
@@ -377,7 +375,7 @@ class CoordinatorService:
         key = (row.round, row.attempt)
         if live.updates is None or live.updates.key != key:
             cfg = live.config
-            updates = RoundUpdates(key, _upload_shapes(live, row.round), cfg.aggregation,
+            updates = RoundUpdates(key, upload_shapes(live.strategy, row.round, live.weights, live.state), cfg.aggregation,
                                    clip_bound(cfg.aggregation, live.weights),
                                    wants_squares=live.strategy.wants_second_moment)
             with self.store.tx() as conn:
@@ -605,61 +603,3 @@ class CoordinatorService:
     @staticmethod
     def _context(cfg: FederationCreate, rnd: int, participants: int) -> RoundContext:
         return RoundContext(rnd, cfg.rounds, cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size, participants)
-
-
-class BlobCache:
-    """Recently served blobs in memory, by digest (blobs are content-addressed, so an
-    entry can never go stale), at most `max_bytes` in all, least recently used out."""
-
-    def __init__(self, *, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, digest: str, load: Callable[[str], bytes]) -> bytes:
-        with self._lock:
-            data = self._items.get(digest)
-            if data is not None:
-                self._items.move_to_end(digest)
-                return data
-        data = load(digest)
-        if len(data) <= self.max_bytes // 4:
-            with self._lock:
-                if digest not in self._items:
-                    self._items[digest] = data
-                    self._size += len(data)
-                while self._size > self.max_bytes:
-                    self._size -= len(self._items.popitem(last=False)[1])
-        return data
-
-
-def _validate(fid: str, rnd: int, base_version: int, body: bytes, shapes: dict[str, tuple[int, ...]],
-              max_norm: float | None, max_bytes: int) -> ModelDelta:
-    """Decode an upload for round `rnd` from `base_version` (codec checks: CRC, caps, indices, NaN/Inf, shapes) and
-    check what the codec cannot: that it is a delta for this round and base, within the
-    federation's reject bound. Pure; raises BadRequest / StaleUpdate."""
-    try:
-        delta = decode(body, expected=shapes, max_bytes=max_bytes)
-    except CodecError as exc:
-        raise BadRequest(f"malformed update: {exc}") from None
-    meta = delta.meta
-    if meta.kind != "delta" or meta.federation_id != fid or meta.round != rnd or meta.base_version != base_version:
-        raise StaleUpdate(
-            f"update is a {meta.kind!r} for federation {meta.federation_id!r} round {meta.round} base "
-            f"{meta.base_version}; expected a delta for {fid!r} round {rnd} base {base_version}"
-        )
-    if max_norm:
-        norm = delta_norm(delta, skip_prefix=AUX_PREFIX)
-        if norm > max_norm:
-            raise BadRequest(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}")
-    return delta
-
-
-def _upload_shapes(live: _Live, rnd: int) -> dict[str, tuple[int, ...]]:
-    """What an upload for round `rnd` may carry: the model's tensors and the strategy's
-    auxiliary statistics."""
-    aux = live.strategy.aux_shapes(rnd, live.weights, live.state)
-    if any(not k.startswith(AUX_PREFIX) for k in aux):
-        raise ValueError(f"auxiliary upload names must start with {AUX_PREFIX!r}: {sorted(aux)[:3]}")
-    return {**{k: v.shape for k, v in live.weights.items()}, **aux}

@@ -13,7 +13,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from sqlalchemy import (
     text,
 )
 
-__all__ = ["AgentRow", "BlobStore", "FederationRow", "RoundRow", "Store", "UpdateRow"]
+__all__ = ["AgentRow", "BlobCache", "BlobStore", "FederationRow", "RoundRow", "Store", "UpdateRow"]
 
 metadata = MetaData()
 
@@ -192,6 +193,34 @@ class BlobStore:
 
     def path(self, digest: str) -> Path:
         return self.root / digest
+
+
+class BlobCache:
+    """Recently served blobs in memory, by digest (blobs are content-addressed, so an
+    entry can never go stale), at most `max_bytes` in all, least recently used out."""
+
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: str, load: Callable[[str], bytes]) -> bytes:
+        with self._lock:
+            data = self._items.get(digest)
+            if data is not None:
+                self._items.move_to_end(digest)
+                return data
+        data = load(digest)
+        if len(data) <= self.max_bytes // 4:
+            with self._lock:
+                if digest not in self._items:
+                    self._items[digest] = data
+                    self._size += len(data)
+                while self._size > self.max_bytes:
+                    self._size -= len(self._items.popitem(last=False)[1])
+        return data
+
 
 
 class Store:
