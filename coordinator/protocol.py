@@ -25,7 +25,6 @@ __all__ = [
     "FederationCreate",
     "FederationPublic",
     "FederationStatus",
-    "RoundMetrics",
     "StrategySpec",
     "Task",
     "TaskDecline",
@@ -151,21 +150,6 @@ class FederationPublic(_Strict):
     model_version: int
     created_at: float
     error: str | None = None  # why it failed, or why round closing is backing off
-
-
-class RoundMetrics(BaseModel):
-    """Per-round metrics; strategies may add keys (density, macs, ...)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    round: int
-    accuracy: float
-    loss: float
-    participants: int
-    stragglers: int = 0
-    bytes_up: int
-    bytes_down: int
-    seconds: float
 
 
 class EnrollRequest(_Strict):

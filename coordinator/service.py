@@ -516,8 +516,7 @@ class CoordinatorService:
         the round stops waiting for it. Raises StaleUpdate like an upload would."""
         with self.lock:
             target = self._upload_target(agent, fid, rnd, digest="")
-            if target is None:  # pragma: no cover - an empty digest never matches an upload
-                return False
+            assert target is not None  # None means "this upload is already in": "" is no digest
             live, updates, _, _ = target
             if agent.id in updates.declined:
                 return False
