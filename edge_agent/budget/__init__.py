@@ -25,10 +25,10 @@ live working set that the estimate counts. The agent calls it once at start-up; 
 estimate (and the budget guarantee) assume it.
 """
 
-from edge_agent.budget.estimate import OPTIMIZER_STATE_SLOTS, OptimizerName, estimate_training_memory, freeze_units
 from edge_agent.budget.meter import PeakMemoryMeter, configure_allocator, trim_heap
 from edge_agent.budget.plan import TrainingPlan, plan_training, plan_within, shrunk_batch, with_hooks
 from edge_agent.budget.sizes import MIB, BudgetExceeded, MemoryEstimate, format_size, parse_size
+from models.memory import OPTIMIZER_STATE_SLOTS, OptimizerName, estimate_training_memory, freeze_units
 
 __all__ = [
     "MIB",

@@ -13,7 +13,7 @@ from edge_agent.budget.sizes import BudgetExceeded, MemoryEstimate, format_size
 if TYPE_CHECKING:
     from torch import nn
 
-    from edge_agent.budget.estimate import OptimizerName
+    from models.memory import OptimizerName
 
 __all__ = ["Estimate", "TrainingPlan", "Units", "plan_training", "plan_within", "shrunk_batch", "with_hooks"]
 
@@ -85,7 +85,7 @@ def plan_training(
     hooks_bytes: the strategy's own training memory (`LocalHooks.extra_memory_bytes`),
     added to every estimate (it does not shrink with the batch or with freezing).
     """
-    from edge_agent.budget.estimate import estimate_training_memory, freeze_units
+    from models.memory import estimate_training_memory, freeze_units
 
     # Counting on "meta" allocates nothing; a model whose forward reads values (the gated
     # models of `dynamic` call .item()) cannot run there and is counted on a real CPU pass

@@ -13,9 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from edge_agent.budget.sizes import MemoryEstimate
-
-__all__ = ["OPTIMIZER_STATE_SLOTS", "OptimizerName", "estimate_training_memory", "freeze_units"]
+__all__ = ["OPTIMIZER_STATE_SLOTS", "MemoryEstimate", "OptimizerName", "estimate_training_memory", "format_size",
+           "freeze_units"]
 
 OptimizerName = Literal["sgd", "sgd_momentum", "adam"]
 
@@ -34,6 +33,46 @@ _FORWARD_TRANSIENTS = 2
 # and the allocator keeps about 1 MiB of slack (bench.memory: a 1.2-4 MB excess that did
 # not grow with the batch, on fedavg_cnn dense and structured).
 _STEP_SLACK_BYTES = 1 << 20
+
+def format_size(n_bytes: float) -> str:
+    """Bytes as a short binary string: ``310 MiB``, ``1.2 GiB``, ``850 KiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n_bytes) >= scale:
+            value = n_bytes / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The training working set of one step, in bytes, by component."""
+
+    batch_size: int
+    params_bytes: int  # every parameter and buffer (frozen ones too: they are in memory)
+    grads_bytes: int  # one gradient per trainable parameter
+    optimizer_bytes: int  # optimizer state of trainable parameters
+    activations_bytes: int  # tensors saved for backward, de-duplicated by storage
+    input_bytes: int  # the float input batch (B, C, H, W)
+    # transients: backward's gradient of a layer's output, or a forward layer's input,
+    # output and scratch (frozen layers too), plus the optimiser's temporary and slack
+    workspace_bytes: int
+    # what the strategy's training hooks add (masks, FedDIP's masked weight copies,
+    # FedTiny's gradient top-k buffers): `LocalHooks.extra_memory_bytes`
+    hooks_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.params_bytes + self.grads_bytes + self.optimizer_bytes
+                + self.activations_bytes + self.input_bytes + self.workspace_bytes + self.hooks_bytes)
+
+    def describe(self) -> str:
+        """One line for logs and error messages."""
+        parts = (("params", self.params_bytes), ("grads", self.grads_bytes),
+                 ("optimizer", self.optimizer_bytes), ("activations", self.activations_bytes),
+                 ("input", self.input_bytes), ("workspace", self.workspace_bytes), ("hooks", self.hooks_bytes))
+        inner = ", ".join(f"{name} {format_size(v)}" for name, v in parts)
+        return f"{format_size(self.total)} at batch {self.batch_size} ({inner})"
+
 
 def _working_copy(model: nn.Module, trainable: set[str] | None, device: torch.device | str) -> nn.Module:
     """A copy of `model` on `device` with requires_grad set from `trainable`, so the count
