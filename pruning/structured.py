@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -28,6 +29,7 @@ __all__ = [
     "ImportanceFn",
     "channel_importance",
     "conv_linear_macs",
+    "kept_reshape",
     "macs_fraction",
     "prune_channels",
 ]
@@ -160,6 +162,31 @@ def conv_linear_macs(model: nn.Module, positions: dict[nn.Module, int]) -> int:
         assert isinstance(weight, torch.Tensor)
         total += n * weight.numel()
     return total
+
+
+def kept_reshape(model: nn.Module, old: dict[str, Any]) -> dict[str, list[list[int] | None]]:
+    """Which indices of the tensors in `old` (name → array) a pruned `model` kept, per
+    tensor and dimension (a `sparse_kernels.reshape.Reshape`), for a model whose
+    parameters' .grad were seeded with their flat positions before pruning (torch-pruning
+    slices .grad with the parameter). BN running statistics follow their layer's weight."""
+    kept = {name: _kept_dims(p.grad, old[name].shape) for name, p in model.named_parameters()
+            if p.grad is not None and tuple(p.shape) != old[name].shape}
+    for name, value in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0] + ".weight"
+        if name in old and name not in kept and tuple(value.shape) != old[name].shape and owner in kept:
+            kept[name] = kept[owner]
+    return kept
+
+
+def _kept_dims(positions: torch.Tensor, old_shape: tuple[int, ...]) -> list[list[int] | None]:
+    """Per dimension, the sorted kept indices (None if unchanged), from a tensor holding
+    the flat positions its entries had in a tensor of `old_shape`."""
+    coords = np.unravel_index(positions.detach().numpy().astype(np.int64).reshape(-1), old_shape)
+    dims: list[list[int] | None] = []
+    for axis, size in enumerate(old_shape):
+        keep = np.unique(coords[axis])
+        dims.append(None if keep.size == size else keep.tolist())
+    return dims
 
 
 # ---------------------------------------------------------------- helpers

@@ -62,7 +62,7 @@ class StructuredPruning(Strategy):
         from models import count_macs
         from models.state import build_from_state, to_numpy_state
         from models.zoo import default_image_size
-        from pruning.structured import prune_channels
+        from pruning.structured import kept_reshape, prune_channels
 
         model = build_from_state(ctx.model, weights, in_channels=ctx.in_channels,
                                  num_classes=ctx.num_classes, image_size=ctx.image_size)
@@ -81,28 +81,14 @@ class StructuredPruning(Strategy):
         prune_channels(model, torch.zeros(1, *shape), target_macs=goal / current,
                        round_to=self.round_to, importance=self.importance)
         pruned = to_numpy_state(model)
-        kept = {name: kept_dims(p.grad, weights[name].shape) for name, p in model.named_parameters()
-                if p.grad is not None and tuple(p.shape) != weights[name].shape}
-        for name in pruned:  # BN running stats follow their layer's weight
-            owner = name.rsplit(".", 1)[0] + ".weight"
-            if name not in kept and pruned[name].shape != weights[name].shape and owner in kept:
-                kept[name] = kept[owner]
-        reshape = kept if all(n in kept for n in pruned if pruned[n].shape != weights[n].shape) else {}
+        # every tensor whose shape changed must have its kept indices, or the agents download
+        reshape = kept_reshape(model, weights)
+        if not all(n in reshape for n in pruned if pruned[n].shape != weights[n].shape):
+            reshape = {}
         return pruned, reshape, dense_macs
 
     def _metrics(self, ctx: RoundContext, weights: Weights, dense_macs: float | None) -> dict[str, Any]:
         return {"dense_macs": dense_macs} if dense_macs else {}
-
-
-def kept_dims(positions: Any, old_shape: tuple[int, ...]) -> list[list[int] | None]:
-    """Per dimension, the sorted kept indices (None if unchanged), from a tensor holding
-    the flat positions its entries had in a tensor of `old_shape`."""
-    coords = np.unravel_index(positions.detach().numpy().astype(np.int64).reshape(-1), old_shape)
-    dims: list[list[int] | None] = []
-    for axis, size in enumerate(old_shape):
-        keep = np.unique(coords[axis])
-        dims.append(None if keep.size == size else keep.tolist())
-    return dims
 
 
 def _keep(state: dict[str, np.ndarray], new_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
