@@ -69,10 +69,12 @@ def test_rolling_windows_move_with_the_round_and_wrap():
 
 
 def test_recalibrate_bn_estimates_the_statistics_of_the_slice_inputs():
-    net = build_from_state("resnet20", seeded_weights("resnet20", 0, in_channels=3, num_classes=10), in_channels=3, num_classes=10)
+    weights = seeded_weights("resnet20", 0, in_channels=3, num_classes=10)
+    net = build_from_state("resnet20", weights, in_channels=3, num_classes=10)
     net.eval()
     batches = [torch.randn(16, 3, 32, 32) * 3 + 1 for _ in range(2)]
     assert recalibrate_bn(net, batches)
     assert not net.training  # the mode is restored
     assert float(net.bn1.running_var.mean()) > 2.0  # unit-variance defaults replaced by the data's
-    assert not recalibrate_bn(build_from_state("fedavg_cnn", seeded_weights("fedavg_cnn", 0, in_channels=1, num_classes=10), in_channels=1, num_classes=10), batches[:1])
+    plain = seeded_weights("fedavg_cnn", 0, in_channels=1, num_classes=10)
+    assert not recalibrate_bn(build_from_state("fedavg_cnn", plain, in_channels=1, num_classes=10), batches[:1])
