@@ -41,7 +41,10 @@ def model_footprint(cfg: FederationCreate) -> tuple[int, int]:
 
 
 def check_federation(cfg: FederationCreate, settings: CoordinatorSettings) -> None:
-    """Raise ValueError with the reason when `cfg` asks for more than the caps allow."""
+    """Raise ValueError with the reason when `cfg` asks for more than the caps allow, or
+    for a combination that cannot work."""
+    if cfg.levels is not None:
+        check_levels(cfg)
     params, per_sample = model_footprint(cfg)
     if params > settings.max_model_params:
         raise ValueError(f"model {cfg.model!r} at image size {cfg.image_size} has {params:,} parameters; "
@@ -51,3 +54,19 @@ def check_federation(cfg: FederationCreate, settings: CoordinatorSettings) -> No
         raise ValueError(f"evaluating {cfg.model!r} at image size {cfg.image_size} would take about "
                          f"{eval_bytes / 2**30:.1f} GiB; the cap is {settings.max_eval_memory_bytes / 2**30:.1f} GiB "
                          "(max_eval_memory_bytes)")
+
+
+def check_levels(cfg: FederationCreate) -> None:
+    """Width levels need a strategy whose agents train plainly (their memory is the
+    estimate's whole need; mask strategies' hooks would not fit a slice) and the streaming
+    mean (per-coordinate coverage; median and trimmed mean need every client on every
+    coordinate)."""
+    from strategies.registry import agent_half, build_strategy
+
+    strategy = build_strategy(cfg.strategy.name, cfg.strategy.params)
+    if agent_half(cfg.strategy.name) is not None or strategy.fill != "zero" or strategy.wants_second_moment:
+        raise ValueError(f"width levels work with strategies whose agents train plainly (fedavg, structured), "
+                         f"not {cfg.strategy.name!r}")
+    if cfg.aggregation.rule != "mean":
+        raise ValueError(f"width levels average each coordinate over the agents that trained it: "
+                         f"aggregation rule 'mean' only, not {cfg.aggregation.rule!r}")

@@ -10,6 +10,9 @@ stored bytes): clip the delta's L2 norm to the round's bound (statistics under `
 are left alone), weigh it by min(num_samples, cap) or 1, fold it into the streaming
 sample-weighted accumulator (and the squares, when the strategy wants them). Median and
 trimmed mean keep the clipped deltas and reduce them at the close.
+
+With width levels an update is a delta on its level's slice of the model: it is folded
+into global coordinates and weighs only in the means of the coordinates it covers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from coordinator.protocol import AggregationSpec
 from sparse_kernels import ModelDelta, SparseAccumulator, SparseTensor
+from sparse_kernels.reshape import Reshape, slice_shapes
 from sparse_kernels.robust import clip_delta, coordinate_median, trimmed_mean
 from strategies.base import AUX_PREFIX, Weights
 
@@ -50,7 +54,9 @@ class RoundUpdates:
     spec: AggregationSpec
     bound: float | None
     wants_squares: bool = False
+    levels: list[Reshape] = field(default_factory=list)  # the round's width levels' slices (none: whole model)
     folded: dict[str, float] = field(default_factory=dict)  # agent -> weight
+    level_of: dict[str, int | None] = field(default_factory=dict)  # agent -> the level it trained
     declined: dict[str, int | None] = field(default_factory=dict)  # agent -> bytes it needs
     digests: dict[str, str] = field(default_factory=dict)  # sha256 of the body -> agent
     clipped: int = 0
@@ -64,16 +70,29 @@ class RoundUpdates:
         model_shapes = {k: v for k, v in self.shapes.items() if not k.startswith(AUX_PREFIX)}
         self._squares = SparseAccumulator(model_shapes) if self.wants_squares else None
 
-    def add(self, agent_id: str, delta: ModelDelta, num_samples: int, *, digest: str, nbytes: int) -> bool:
-        """Fold one validated update; False (and nothing changes) if `agent_id` is in."""
+    def shapes_for(self, level: int | None) -> dict[str, tuple[int, ...]]:
+        """What an upload that trained `level` may carry (None: the whole model). Raises
+        ValueError for a level the round does not have."""
+        if level is None or (self.levels and not self.levels[level]):
+            return self.shapes
+        if not 0 <= level < len(self.levels):
+            raise ValueError(f"this round has {len(self.levels)} width levels; an update for level {level} has no place")
+        return slice_shapes(self.shapes, self.levels[level])
+
+    def add(self, agent_id: str, delta: ModelDelta, num_samples: int, *, digest: str, nbytes: int,
+            level: int | None = None) -> bool:
+        """Fold one validated update (of `level`'s slice); False (and nothing changes) if
+        `agent_id` is in."""
         if agent_id in self.folded:
             return False
+        self.shapes_for(level)  # a level the round does not have is refused before anything changes
+        slice_ = self.levels[level] if level is not None and self.levels and self.levels[level] else None
         weight = update_weight(self.spec, num_samples)
         if self.bound is not None:
             clipped, norm = clip_delta(delta, self.bound, skip_prefix=AUX_PREFIX)
             self.clipped += clipped is not delta
             delta = clipped
-        self._acc.fold(delta, weight)
+        self._acc.fold(delta, weight, slice=slice_)
         if self._squares is not None:
             self._squares.fold(ModelDelta(delta.meta, tuple(
                 SparseTensor(t.name, t.shape, t.indices, t.values * t.values)
@@ -82,6 +101,7 @@ class RoundUpdates:
             self._deltas.append(ModelDelta(delta.meta, tuple(
                 t for t in delta.tensors if not t.name.startswith(AUX_PREFIX))))
         self.folded[agent_id] = weight
+        self.level_of[agent_id] = level
         self.digests[digest] = agent_id
         self.bytes_up += nbytes
         return True

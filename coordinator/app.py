@@ -4,6 +4,7 @@ service, map domain errors to HTTP status codes in one place."""
 # No `from __future__ import annotations`: FastAPI must resolve the local dependencies.
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -29,6 +30,7 @@ from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
     MAX_ID,
+    NEEDS_HEADER,
     REPORT_HEADER,
     RESHAPE_HEADER,
     VERSION_HEADER,
@@ -68,11 +70,12 @@ def _public(row: FederationRow) -> FederationPublic:
                             error=row.error)
 
 
-def _agent_public(svc: CoordinatorService, a: AgentRow,
-                  needs: dict[str, dict[str, int]] | None = None) -> AgentPublic:
+def _agent_public(svc: CoordinatorService, a: AgentRow, needs: dict[str, dict[str, int]] | None = None,
+                  widths: dict[str, dict[str, float]] | None = None) -> AgentPublic:
     return AgentPublic(id=a.id, name=a.name, enrolled_at=a.enrolled_at, last_seen=a.last_seen,
                        status=svc.agent_status(a), memory_budget_bytes=svc.auth.budget(a),
-                       needs_bytes=needs.get(a.id, {}) if needs else {})
+                       needs_bytes={**(needs.get(a.id, {}) if needs else {}), **svc.unfit(a.id)},
+                       widths=widths.get(a.id, {}) if widths else {})
 
 
 def _client_ip(request: Request) -> str:
@@ -160,7 +163,8 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     @api.get("/agents", dependencies=[Admin])
     def list_agents() -> list[AgentPublic]:
         needs = svc.agent_needs()
-        return [_agent_public(svc, a, needs) for a in svc.list_agents()]
+        widths = svc.widths()
+        return [_agent_public(svc, a, needs, widths) for a in svc.list_agents()]
 
     @api.delete("/agents/{agent_id}", dependencies=[Admin])
     def revoke_agent(agent_id: AgentId) -> AgentPublic:
@@ -183,7 +187,10 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
             svc.auth.state_budget(who, memory_budget_bytes)
         task = await svc.next_task(who, wait)
         if task is None:
-            return Response(status_code=204)
+            # a federation whose width levels all exceed this agent's budget says what would fit
+            unfit = svc.unfit(who.id)
+            headers = {NEEDS_HEADER: json.dumps(unfit, separators=(",", ":"))} if unfit else None
+            return Response(status_code=204, headers=headers)
         return Response(task, media_type="application/json")
 
     # ---------------------------------------------------------------- models (members or admin)

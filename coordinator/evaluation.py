@@ -10,6 +10,7 @@ import numpy as np
 from coordinator.protocol import FederationCreate
 from models import ImageDataset, build_model, count_macs, evaluate, load_dataset
 from models.state import build_from_state, seeded_weights
+from models.training import iterate_batches
 
 __all__ = ["Evaluator"]
 
@@ -43,8 +44,26 @@ class Evaluator:
                 self._data[key] = data
             return self._data[key]
 
-    def evaluate(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> Any:
-        return evaluate(self.model(cfg, weights), self.test_data(cfg))
+    def calibration_batches(self, cfg: FederationCreate, samples: int) -> list[Any]:
+        """The first `samples` training images (a fixed subset), as batches of 128: what BN
+        statistics are re-estimated on (`pruning.levels.recalibrate_bn`)."""
+        key = ("calibration", cfg.data.dataset, cfg.data.data_dir, samples, cfg.seed)
+        with self._lock:
+            if key not in self._data:
+                data = load_dataset(cfg.data.dataset, cfg.data.data_dir, "train", seed=cfg.seed)
+                self._data[key] = data.subset(np.arange(min(samples, len(data))))
+            data = self._data[key]
+        return [x for x, _ in iterate_batches(data, 128, shuffle=False)]
+
+    def evaluate(self, cfg: FederationCreate, weights: dict[str, np.ndarray], *, calibrate: int = 0) -> Any:
+        """Test accuracy and loss; with `calibrate` > 0 and BN layers, their statistics
+        are first re-estimated on that many training samples (a width level's slice)."""
+        model = self.model(cfg, weights)
+        if calibrate > 0 and any("running_mean" in k for k in weights):
+            from pruning.levels import recalibrate_bn
+
+            recalibrate_bn(model, self.calibration_batches(cfg, calibrate))
+        return evaluate(model, self.test_data(cfg))
 
     def macs(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> int:
         data = self.test_data(cfg)

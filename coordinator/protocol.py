@@ -28,6 +28,9 @@ __all__ = [
     "StrategySpec",
     "Task",
     "TaskDecline",
+    "TaskLevel",
+    "LevelsSpec",
+    "NEEDS_HEADER",
     "TrainingConfig",
     "UpdateReceipt",
     "UpdateReport",
@@ -39,6 +42,9 @@ REPORT_HEADER = "X-Fedslim-Report"
 VERSION_HEADER = "X-Fedslim-Version"
 KIND_HEADER = "X-Fedslim-Kind"
 RESHAPE_HEADER = "X-Fedslim-Reshape"  # "1": slice your weights with .../reshape before the patch
+# On a task poll answered 204: JSON {federation: bytes} for the federations whose width
+# levels all need more training memory than the agent's budget (the smallest level's need)
+NEEDS_HEADER = "X-Fedslim-Needs"
 
 ValueEncoding = Literal["fp32", "fp16", "int8", "ternary"]
 
@@ -100,6 +106,50 @@ class AggregationSpec(_Strict):
     weighting: Literal["samples", "uniform"] = "samples"
 
 
+# "auto": every width on this grid is a level; each agent gets the widest its budget fits,
+# so the levels in use follow the budgets the coordinator sees
+AUTO_WIDTHS: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
+MAX_LEVELS = len(AUTO_WIDTHS)
+
+
+class LevelsSpec(_Strict):
+    """Width levels: nested structured sub-models of the global model (`pruning.levels`).
+    Each sampled agent trains the widest level whose estimated training working set at
+    `min_batch` fits the memory budget it stated; each coordinate is averaged over the
+    agents that trained it."""
+
+    widths: list[float] | Literal["auto"] = Field(
+        default_factory=lambda: [1.0, 0.75, 0.5, 0.25],
+        description="fractions of each layer's channels, one per level (1.0 is added when missing), or 'auto'",
+    )
+    rule: Literal["first", "importance", "rolling"] = Field(
+        "first", description="first: first-k channels (HeteroFL); importance: the k largest-L2 channels "
+        "(FjORD-style ordering); rolling: a window moving one channel per round (FedRolex)",
+    )
+    min_batch: int = Field(8, ge=1, le=4096, description="the smallest batch a level must fit at")
+    bn_calibration_samples: int = Field(
+        512, ge=0, le=10_000, description="training samples the server re-estimates each level's BN statistics on "
+        "before evaluating it (0: evaluate with the averaged statistics)",
+    )
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[float] | str) -> list[float] | str:
+        if isinstance(v, str):
+            return v
+        if not 1 <= len(v) <= MAX_LEVELS:
+            raise ValueError(f"give 1 to {MAX_LEVELS} widths")
+        if any(not 0.01 <= w <= 1 for w in v):
+            raise ValueError("every width is a fraction in [0.01, 1]")
+        widths = sorted(set(v) | {1.0}, reverse=True)
+        if len(widths) > MAX_LEVELS:
+            raise ValueError(f"at most {MAX_LEVELS} levels including 1.0")
+        return widths
+
+    def width_list(self) -> list[float]:
+        return list(AUTO_WIDTHS) if self.widths == "auto" else list(self.widths)
+
+
 class FederationCreate(_Strict):
     name: str = Field("federation", min_length=1, max_length=100)
     model: str = Field("fedavg_cnn", min_length=1, max_length=64)
@@ -122,6 +172,7 @@ class FederationCreate(_Strict):
     # Uploads whose L2 norm exceeds this are rejected (a cheap defence against blow-ups).
     max_update_norm: float | None = Field(None, gt=0, le=1e9)
     aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec())
+    levels: LevelsSpec | None = Field(None, description="width levels for agents whose memory cannot hold the model")
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("min_clients")
@@ -171,8 +222,22 @@ class AgentPublic(_Strict):
     last_seen: float
     status: str  # online | offline | revoked
     memory_budget_bytes: int | None = None
-    # federation -> the smallest budget (bytes) that would fit its task, from the agent's declines
+    # federation -> the smallest budget (bytes) that would fit its task, from the agent's
+    # declines or, with width levels, from the smallest level's estimate
     needs_bytes: dict[str, int] = Field(default_factory=dict)
+    # federation -> the width of the level it was last given
+    widths: dict[str, float] = Field(default_factory=dict)
+
+
+class TaskLevel(_Strict):
+    """One width level of a task: kept channels per tensor and dimension as [start, stop)
+    runs (None: the dimension is whole), with the coordinator's estimate of its training
+    working set at the federation's `min_batch`."""
+
+    width: float = Field(gt=0, le=1)
+    need_bytes: int = Field(ge=0, le=2**50)
+    macs: int = Field(ge=0, le=2**62)
+    slices: dict[str, list[list[list[int]] | None]] = Field(default_factory=dict, max_length=10_000)
 
 
 class Task(_Strict):
@@ -195,6 +260,10 @@ class Task(_Strict):
     model_sha256: str = ""
     seed: int = 0
     download_values: ValueEncoding = "fp32"
+    # width levels (widest first) and the one this agent was given: it trains that slice
+    # of the model, or a narrower one if its own plan says the given one does not fit
+    levels: list[TaskLevel] = Field(default_factory=list, max_length=MAX_LEVELS)
+    level: int | None = Field(None, ge=0, lt=MAX_LEVELS)
 
 
 class UpdateReport(_Strict):
@@ -209,6 +278,7 @@ class UpdateReport(_Strict):
     planned_memory_bytes: int = Field(0, ge=0, le=2**50)
     baseline_memory_bytes: int = Field(0, ge=0, le=2**50)
     batch_size: int = Field(0, ge=0, le=10**6)
+    level: int | None = Field(None, ge=0, lt=MAX_LEVELS, description="the width level trained (task.levels)")
 
 
 class TaskDecline(_Strict):

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -43,16 +44,20 @@ from coordinator.errors import (
 from coordinator.evaluation import Evaluator
 from coordinator.exports import ExportCache
 from coordinator.isolation import Backoff
+from coordinator.levels import PlannedLevel, assign_level, plan_levels, task_levels
 from coordinator.protocol import FederationCreate, FederationStatus, Task, TaskDecline, UpdateReport
 from coordinator.round_metrics import round_metrics
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, BlobCache, FederationRow, RoundRow, Store, UpdateRow
 from coordinator.tasks import OpenRound, TaskBoard
 from coordinator.uploads import upload_shapes, validate_upload
+from models.state import is_bn_stat
+from pruning.levels import level_slices
 from sparse_kernels import MAX_MODEL_BYTES, decode
 from sparse_kernels.npz import arrays_from_npz as _from_npz
 from sparse_kernels.npz import arrays_to_npz as _npz
 from sparse_kernels.patch import encode_model
+from sparse_kernels.reshape import apply_reshape
 from strategies import RoundContext, Strategy, Weights, build_strategy
 
 __all__ = ["CoordinatorService"]
@@ -75,6 +80,10 @@ class _Live:
     needs: dict[str, int]  # agent -> the training memory it said this federation's task needs
     updates: RoundUpdates | None = None  # the open attempt's accepted updates
     round_started: float = dataclasses.field(default_factory=time.time)
+    # width levels of (version, round) and, for the open round, the level each agent got
+    levels: tuple[tuple[int, int], list[PlannedLevel]] | None = None
+    assigned: dict[str, int] = dataclasses.field(default_factory=dict)
+    unfit: dict[str, int] = dataclasses.field(default_factory=dict)  # agent -> the smallest level's need
 
 
 class CoordinatorService:
@@ -264,6 +273,7 @@ class CoordinatorService:
             }),
             deadline=row.deadline, memory_budget_mb=cfg.memory_budget_mb,
             model_sha256=base["blob"] if base else "", seed=cfg.seed, download_values=cfg.download_values,
+            levels=task_levels(self._levels(live, row.round)),
         )
         return task.model_dump_json().encode()
 
@@ -303,8 +313,12 @@ class CoordinatorService:
             if target is None:
                 return True, True  # an idempotent retry: counted once
             live, updates, base_version, deadline = target
-        delta = validate_upload(fid, rnd, base_version, body, updates.shapes, live.config.max_update_norm,
-                          self.settings.max_upload_bytes)
+        try:
+            shapes = updates.shapes_for(report.level)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        delta = validate_upload(fid, rnd, base_version, body, shapes, live.config.max_update_norm,
+                                self.settings.max_upload_bytes)
         self.store.blobs.put(body)
         with self.lock:
             if self._live.get(fid) is not live or live.updates is not updates:
@@ -327,7 +341,7 @@ class CoordinatorService:
                     agent.id, updates.key[1], report.num_samples, len(body), digest,
                     {**report.model_dump(), "budget_bytes": self.auth.budget(agent)},
                 ))
-            updates.add(agent.id, delta, report.num_samples, digest=digest, nbytes=len(body))
+            updates.add(agent.id, delta, report.num_samples, digest=digest, nbytes=len(body), level=report.level)
             self.board.mark_done(fid, rnd, updates.key[1], agent.id)
         return True, False
 
@@ -377,14 +391,16 @@ class CoordinatorService:
             cfg = live.config
             updates = RoundUpdates(key, upload_shapes(live.strategy, row.round, live.weights, live.state), cfg.aggregation,
                                    clip_bound(cfg.aggregation, live.weights),
-                                   wants_squares=live.strategy.wants_second_moment)
+                                   wants_squares=live.strategy.wants_second_moment,
+                                   levels=[p.level.reshape for p in self._levels(live, row.round)])
             with self.store.tx() as conn:
                 stored = self.store.list_updates(conn, fid, row.round, row.attempt)
                 declined = self.store.list_declines(conn, fid, row.round, row.attempt)
             for u in stored:
-                delta = decode(self.store.blobs.get(u.blob), expected=updates.shapes,
+                level = u.report.get("level")
+                delta = decode(self.store.blobs.get(u.blob), expected=updates.shapes_for(level),
                                max_bytes=max(self.settings.max_upload_bytes, u.bytes))
-                updates.add(u.agent_id, delta, u.num_samples, digest=u.blob, nbytes=u.bytes)
+                updates.add(u.agent_id, delta, u.num_samples, digest=u.blob, nbytes=u.bytes, level=level)
             updates.declined = {d["agent_id"]: d["needed_bytes"] for d in declined}
             live.updates = updates
         return live.updates
@@ -478,21 +494,49 @@ class CoordinatorService:
         if entry is not None and (entry.round, entry.attempt) == (row.round, row.attempt):
             return
         done = set(live.updates.folded) if live.updates and live.updates.key == (row.round, row.attempt) else set()
+        task = self._task_json(fed, live, row)
         self.board.publish(OpenRound(fed.id, row.round, row.attempt, frozenset(row.selected), row.deadline,
-                                     self._task_json(fed, live, row), done))
+                                     task, done, task_for=self._level_tasks(live, row, task)))
+
+    # ------------------------------------------------------------------ width levels
+    def _levels(self, live: _Live, rnd: int) -> list[PlannedLevel]:
+        """The width levels of round `rnd` over the live weights ([] without levels)."""
+        if live.config.levels is None:
+            return []
+        key = (live.version, rnd)
+        if live.levels is None or live.levels[0] != key:
+            live.levels = (key, plan_levels(live.config, live.weights, rnd))
+        return live.levels[1]
+
+    def _level_tasks(self, live: _Live, row: RoundRow, task: bytes) -> dict[str, bytes]:
+        """Per selected agent, the task naming its level (one bytes object per level)."""
+        levels = self._levels(live, row.round)
+        if not levels:
+            return {}
+        if not set(row.selected) <= set(live.assigned):  # after a restart: from the stated budgets
+            with self.store.tx() as conn:
+                budgets = {a.id: self.auth.budget(a) for a in self.store.list_agents(conn) if a.id in row.selected}
+            live.assigned = {a: assign_level(levels, b) or 0 for a, b in budgets.items()}
+        parsed = Task.model_validate_json(task)
+        by_level = {i: parsed.model_copy(update={"level": i}).model_dump_json().encode() for i in range(len(levels))}
+        return {a: by_level[live.assigned.get(a, 0)] for a in row.selected}
 
     def _maybe_open(self, fed: FederationRow, now: float, attempt: int) -> None:
         live = self._load(fed)
         cfg = live.config
         with self.store.tx() as conn:
-            candidates = [a.id for a in self.store.list_agents(conn)
-                          if now - a.last_seen <= self.settings.agent_timeout_s and a.revoked_at is None
-                          and self._fits(live, a)]
+            agents = self.store.list_agents(conn)
+        candidates = [a.id for a in agents if now - a.last_seen <= self.settings.agent_timeout_s
+                      and a.revoked_at is None and self._fits(live, a, fed.current_round + 1)]
         selected = rules.select_clients(
             candidates, cfg.clients_per_round, cfg.min_clients, seed=cfg.seed, rnd=fed.current_round + 1, attempt=attempt,
         )
         if selected is None:
             return
+        levels = self._levels(live, fed.current_round + 1)
+        if levels:
+            budgets = {a.id: self.auth.budget(a) for a in agents if a.id in selected}
+            live.assigned = {a: assign_level(levels, budgets[a]) or 0 for a in selected}
         row = RoundRow(fed.id, fed.current_round + 1, "open", attempt, fed.model_version, selected,
                        now, now + cfg.round_deadline_s, None, None)
         with self.store.tx() as conn:
@@ -502,13 +546,19 @@ class CoordinatorService:
         log.info("federation %s: round %d opened (attempt %d) with %d agents", fed.id, row.round, attempt, len(selected))
         self._publish(fed, live, row)
 
-    def _fits(self, live: _Live, agent: AgentRow) -> bool:
+    def _fits(self, live: _Live, agent: AgentRow, rnd: int) -> bool:
         """False for an agent that declined this federation's task for want of memory and has
-        not stated a budget that large since."""
+        not stated a budget that large since, or whose budget fits none of the width levels
+        (then `live.unfit` says what the smallest level needs)."""
+        budget = self.auth.budget(agent)
+        levels = self._levels(live, rnd)
+        if levels and budget is not None and assign_level(levels, budget) is None:
+            live.unfit[agent.id] = levels[-1].need_bytes
+            return False
+        live.unfit.pop(agent.id, None)
         need = live.needs.get(agent.id)
         if need is None:
             return True
-        budget = self.auth.budget(agent)
         return budget is not None and budget >= need
 
     def decline_task(self, agent: AgentRow, fid: str, rnd: int, decline: TaskDecline) -> bool:
@@ -550,6 +600,7 @@ class CoordinatorService:
                               density=cfg.download_density, values=cfg.download_values)
         state = {**result.state, **cast.residual}
         evaluation = self.evaluator.evaluate(cfg, cast.weights)
+        levels = self._level_metrics(cfg, cast.weights, updates) if cfg.levels is not None else None
         with self._served_lock:
             served = self._served.pop((fed.id, row.round), 0)
         with self.store.tx() as conn:
@@ -561,6 +612,8 @@ class CoordinatorService:
             clipped=updates.clipped, rule=cfg.aggregation.rule, strategy_metrics=result.metrics,
             declined=updates.declined,
         )
+        if levels is not None:
+            metrics["levels"] = levels
         full_blob = self.store.blobs.put(encode_model(fed.id, version, cast.weights))
         patch_blob = self.store.blobs.put(cast.patch) if cast.patch is not None else None
         reshape_blob = self.store.blobs.put(cast.reshape) if cast.reshape is not None else None
@@ -578,6 +631,39 @@ class CoordinatorService:
         live.round_started = time.time()
         log.info("federation %s: round %d closed: accuracy %.4f, %d participants",
                  fed.id, row.round, evaluation.accuracy, len(ups))
+
+    def _level_metrics(self, cfg: FederationCreate, weights: Weights, updates: RoundUpdates) -> list[dict[str, Any]]:
+        """Per width level of the new global model (first windows for `rolling`): test
+        accuracy and loss (BN re-estimated per level), MACs, and who trained it."""
+        assert cfg.levels is not None
+        out = []
+        for i, level in enumerate(level_slices(cfg.model, weights, cfg.levels.width_list(), rule=cfg.levels.rule, rnd=0,
+                                               in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                                               image_size=cfg.image_size)):
+            ev = self.evaluator.evaluate(cfg, apply_reshape(weights, level.reshape),
+                                         calibrate=cfg.levels.bn_calibration_samples)
+            out.append({"level": i, "width": level.width, "accuracy": ev.accuracy, "loss": ev.loss, "macs": level.macs,
+                        "params": int(sum(math.prod(s) for k, s in level.shapes.items() if not is_bn_stat(k))),
+                        "agents": sorted(a for a, lv in updates.level_of.items() if (lv or 0) == i)})
+        return out
+
+    def unfit(self, agent_id: str) -> dict[str, int]:
+        """Federation -> the smallest budget (bytes) one of its width levels needs, for the
+        running federations whose levels all exceed `agent_id`'s stated budget."""
+        with self.lock:
+            return {fid: live.unfit[agent_id] for fid, live in self._live.items() if agent_id in live.unfit}
+
+    def widths(self) -> dict[str, dict[str, float]]:
+        """Agent -> federation -> the width of the level it was given in the open round."""
+        out: dict[str, dict[str, float]] = {}
+        with self.lock:
+            for fid, live in self._live.items():
+                if live.levels is None:
+                    continue
+                for agent, i in live.assigned.items():
+                    if i < len(live.levels[1]):
+                        out.setdefault(agent, {})[fid] = live.levels[1][i].width
+        return out
 
     # ------------------------------------------------------------------ loading
     def _load(self, fed: FederationRow) -> _Live:

@@ -2,7 +2,7 @@
 
 Long polls are coroutines on the server's event loop: a waiting agent holds no thread and
 costs no database query. The scheduler thread publishes each open round here (its task
-JSON is built once: it is the same for every agent of the round); the upload path marks
+JSON is built once per round, or once per width level); the upload path marks
 agents done. A short lock guards the index (never held across I/O), so the event loop
 never waits on the scheduler's round closing.
 """
@@ -27,6 +27,8 @@ class OpenRound:
     deadline: float
     task_json: bytes
     done: set[str] = field(default_factory=set)
+    # per agent, when agents get different tasks (width levels: one bytes object per level)
+    task_for: dict[str, bytes] = field(default_factory=dict)
 
 
 class TaskBoard:
@@ -75,7 +77,7 @@ class TaskBoard:
         with self._lock:
             for entry in self._open.values():
                 if agent_id in entry.selected and agent_id not in entry.done and entry.deadline > now:
-                    return entry.task_json
+                    return entry.task_for.get(agent_id, entry.task_json)
         return None
 
     async def wait_for(self, agent_id: str, wait_s: float) -> bytes | None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from coordinator.protocol import Task
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
+from edge_agent.levels import train_level
 from edge_agent.local import BudgetExceeded, initial_weights, run_task
 from models import ImageDataset
 from sparse_kernels import MAX_MODEL_BYTES, CodecError, ErrorFeedback, Weights, decode
@@ -136,8 +137,9 @@ class EdgeAgent:
             return
         weights = self.sync_model(task.federation_id, task.model_version, task)
         feedback = self._feedback(task.federation_id, weights)
-        result = run_task(task, weights, self.data, feedback, memory_budget_bytes=self.memory_budget_bytes,
-                          seed=self.seed, progress=self.progress)
+        train = train_level if task.levels else run_task
+        result = train(task, weights, self.data, feedback, memory_budget_bytes=self.memory_budget_bytes,
+                       seed=self.seed, progress=self.progress)
         receipt = self.client.upload_update(task.federation_id, task.round, result.body, result.report)
         self.state.save_arrays("residual", {"federation": task.federation_id}, feedback.state_dict())
         log.info("round %d: uploaded %d bytes (loss %.4f, %d samples, peak %.1f MB)%s", task.round,

@@ -7,6 +7,8 @@ backoff and full jitter; 4xx answers are final and raise `CoordinatorRefused`.
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import time
 from typing import Any
@@ -16,6 +18,7 @@ import httpx
 from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
+    NEEDS_HEADER,
     REPORT_HEADER,
     RESHAPE_HEADER,
     VERSION_HEADER,
@@ -30,6 +33,9 @@ from coordinator.protocol import (
 __all__ = ["CoordinatorClient", "CoordinatorRefused", "CoordinatorUnavailable"]
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+log = logging.getLogger("fedslim.agent")
 
 
 class CoordinatorRefused(Exception):
@@ -52,6 +58,8 @@ class CoordinatorClient:
         self.rng = rng or random.Random()
         self.bytes_down = 0
         self.bytes_up = 0
+        # federation -> the smallest budget (bytes) its width levels need, when none fits ours
+        self.needs: dict[str, int] = {}
 
     # ------------------------------------------------------------------ plumbing
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -91,7 +99,14 @@ class CoordinatorClient:
         if memory_budget_bytes is not None:
             params["memory_budget_bytes"] = memory_budget_bytes
         resp = self._request("GET", "/tasks", params=params, timeout=wait_s + 30)
-        return None if resp.status_code == 204 else Task.model_validate_json(resp.content)
+        if resp.status_code == 204:
+            self.needs = _needs(resp.headers.get(NEEDS_HEADER))
+            if self.needs:
+                log.warning("no width level fits this agent's memory budget: %s", ", ".join(
+                    f"federation {f} needs at least {n / 2**20:.1f} MiB" for f, n in sorted(self.needs.items())))
+            return None
+        self.needs = {}
+        return Task.model_validate_json(resp.content)
 
     def download_model(self, federation_id: str, version: int) -> bytes:
         return self._download(f"/federations/{federation_id}/models/{version}", "model").content
@@ -130,3 +145,16 @@ def _detail(resp: httpx.Response) -> str:
         return str(resp.json().get("detail", resp.text))
     except ValueError:
         return resp.text[:500]
+
+
+def _needs(header: str | None) -> dict[str, int]:
+    """The NEEDS_HEADER of a 204 poll: {federation: bytes}, or {} when absent or malformed."""
+    if not header or len(header) > 65536:
+        return {}
+    try:
+        doc = json.loads(header)
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {str(k): int(v) for k, v in doc.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}

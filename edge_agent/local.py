@@ -69,7 +69,9 @@ class LocalResult:
 
 def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFeedback, *,
              memory_budget_bytes: int | None = None, seed: int = 0, progress: bool = False,
-             planner: Planner = plan_training) -> LocalResult:
+             planner: Planner = plan_training, level: int | None = None) -> LocalResult:
+    """Train `task` from `weights` (the global model, or the slice of width level `level`)
+    on `data` and return the encoded update with its report."""
     cfg = task.training
     budget = memory_budget_bytes
     if budget is None and task.memory_budget_mb:
@@ -139,7 +141,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         num_samples=max(stats.samples, 1), train_loss=float(np.nan_to_num(stats.loss, nan=1e9, posinf=1e9)),
         train_accuracy=stats.accuracy, train_seconds=time.perf_counter() - start,
         peak_memory_bytes=meter.peak_rise_bytes, planned_memory_bytes=planned,
-        baseline_memory_bytes=meter.baseline_bytes, batch_size=batch,
+        baseline_memory_bytes=meter.baseline_bytes, batch_size=batch, level=level,
     )
     return LocalResult(body, report, delta, replans)
 
