@@ -73,10 +73,12 @@ class RoundUpdates:
     def shapes_for(self, level: int | None) -> dict[str, tuple[int, ...]]:
         """What an upload that trained `level` may carry (None: the whole model). Raises
         ValueError for a level the round does not have."""
-        if level is None or (self.levels and not self.levels[level]):
+        if level is None:
             return self.shapes
-        if not 0 <= level < len(self.levels):
+        if not 0 <= level < max(len(self.levels), 1):
             raise ValueError(f"this round has {len(self.levels)} width levels; an update for level {level} has no place")
+        if not self.levels or not self.levels[level]:
+            return self.shapes  # the whole model
         return slice_shapes(self.shapes, self.levels[level])
 
     def add(self, agent_id: str, delta: ModelDelta, num_samples: int, *, digest: str, nbytes: int,
