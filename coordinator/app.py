@@ -30,6 +30,7 @@ from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
     MAX_ID,
+    MAX_LEVELS,
     NEEDS_HEADER,
     REPORT_HEADER,
     RESHAPE_HEADER,
@@ -56,6 +57,7 @@ FederationId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a
 AgentId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
 RoundNo = Annotated[int, Path(ge=1, le=MAX_ID)]
 VersionNo = Annotated[int, Path(ge=0, le=MAX_ID)]
+LevelNo = Annotated[int, Path(ge=0, lt=MAX_LEVELS)]
 
 
 def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
@@ -233,6 +235,17 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     def export_report(fid: FederationId) -> dict:
         """MACs dense vs pruned, parity, ORT latency and accuracy of the exported model."""
         return svc.export(fid)[1]
+
+    @api.get("/federations/{fid}/export/{level}/model.onnx", dependencies=[Admin], response_class=Response)
+    def export_level_model(fid: FederationId, level: LevelNo) -> Response:
+        """Width level `level` of the current global model as ONNX (levels widest first)."""
+        path, _ = svc.export(fid, level)
+        return Response(path.read_bytes(), media_type=_OCTETS)
+
+    @api.get("/federations/{fid}/export/{level}/report", dependencies=[Admin])
+    def export_level_report(fid: FederationId, level: LevelNo) -> dict:
+        """MACs, parity, ORT latency and accuracy of width level `level`'s model."""
+        return svc.export(fid, level)[1]
 
     @api.post("/federations/{fid}/rounds/{rnd}/decline")
     def decline(fid: FederationId, rnd: RoundNo, body: TaskDecline, request: Request,

@@ -34,18 +34,13 @@ class PlannedLevel:
 
 
 def plan_levels(cfg: FederationCreate, weights: Weights, rnd: int) -> list[PlannedLevel]:
-    """The levels of round `rnd` over `weights`, widest first; widths that round to the
-    same channels as a wider one are dropped (their index would name the same slice)."""
+    """The levels of round `rnd` over `weights`, widest first (`level_slices`)."""
     assert cfg.levels is not None
     spec = cfg.levels
     size = cfg.image_size or default_image_size(cfg.in_channels)
     planned: list[PlannedLevel] = []
-    seen: list[dict[str, tuple[int, ...]]] = []
     for level in level_slices(cfg.model, weights, spec.width_list(), rule=spec.rule, rnd=rnd,
                               in_channels=cfg.in_channels, num_classes=cfg.num_classes, image_size=cfg.image_size):
-        if level.shapes in seen:
-            continue
-        seen.append(level.shapes)
         net = build_from_state(cfg.model, apply_reshape(weights, level.reshape), in_channels=cfg.in_channels,
                                num_classes=cfg.num_classes, image_size=cfg.image_size)
         need = estimate_training_memory(net, (cfg.in_channels, size, size), spec.min_batch,

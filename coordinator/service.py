@@ -247,13 +247,17 @@ class CoordinatorService:
             self._served[key] = self._served.get(key, 0) + len(data)
         return version, data, m["reshape_blob"] is not None
 
-    def export(self, fid: str) -> tuple[Path, dict[str, Any]]:
-        """The current global model as verified ONNX + its report (built once per version)."""
+    def export(self, fid: str, level: int | None = None) -> tuple[Path, dict[str, Any]]:
+        """The current global model (or its width level `level`) as verified ONNX + its
+        report (built once per version and level)."""
         fed = self.get_federation(fid)
         with self.lock:
             live = self._load(fed)
             cfg, weights, version = live.config, live.weights, live.version
-        return self.exports.get(fid, version, cfg, weights)
+        try:
+            return self.exports.get(fid, version, cfg, weights, level)
+        except ValueError as exc:
+            raise NotFound(str(exc)) from None
 
     # ------------------------------------------------------------------ tasks
     async def next_task(self, agent: AgentRow, wait_s: float) -> bytes | None:

@@ -49,13 +49,15 @@ class Level:
 def level_slices(model: str, weights: Weights, widths: Sequence[float], *, rule: SliceRule = "first", rnd: int = 0,
                  round_to: int = 8, in_channels: int = 1, num_classes: int = 10,
                  image_size: int | None = None) -> list[Level]:
-    """One `Level` per width (widest first, as given): the sub-models of `weights`."""
+    """One `Level` per width (in the order given) — the sub-models of `weights` — except
+    widths that round to the same channels as an earlier one (their index would name the
+    same slice): level indices are positions in this list, on both sides of the wire."""
     if rule not in RULES:
         raise ValueError(f"unknown slicing rule {rule!r}; valid: {', '.join(RULES)}")
     size = image_size or default_image_size(in_channels)
     shape = (in_channels, size, size)
     shapes = {k: v.shape for k, v in weights.items()}
-    levels = []
+    levels: list[Level] = []
     for width in widths:
         if not 0 < width <= 1:
             raise ValueError(f"a width is a fraction in (0, 1], got {width}")
@@ -69,7 +71,10 @@ def level_slices(model: str, weights: Weights, widths: Sequence[float], *, rule:
             prune_channels(net, torch.zeros(1, *shape), ratio=1.0 - width, round_to=round_to,
                            importance=_scorer(rule, rnd))
             reshape = kept_reshape(net, weights)
-        levels.append(Level(float(width), reshape, slice_shapes(shapes, reshape), int(count_macs(net, shape))))
+        sliced = slice_shapes(shapes, reshape)
+        if any(level.shapes == sliced for level in levels):
+            continue
+        levels.append(Level(float(width), reshape, sliced, int(count_macs(net, shape))))
     return levels
 
 

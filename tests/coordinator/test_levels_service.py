@@ -153,6 +153,14 @@ def test_levels_follow_budgets_and_the_mean_is_over_the_agents_that_trained_each
         assert all(0 <= lv["accuracy"] <= 1 for lv in metrics["levels"])
         assert metrics["levels"][0]["macs"] > metrics["levels"][1]["macs"] > metrics["levels"][2]["macs"]
         assert sorted(a["level"] for a in metrics["agents"]) == [0, 1, 2]
+        if not restart:  # one ONNX model per level, the narrowest the smallest
+            report = http.get(f"/v1/federations/{fid}/export/2/report", headers=ADMIN).json()
+            assert report["width"] == 0.25 and report["level_macs"] == metrics["levels"][2]["macs"]
+            onnx = http.get(f"/v1/federations/{fid}/export/2/model.onnx", headers=ADMIN)
+            full = http.get(f"/v1/federations/{fid}/export/model.onnx", headers=ADMIN)
+            assert onnx.status_code == 200 and 0 < len(onnx.content) < len(full.content)
+            assert http.get(f"/v1/federations/{fid}/export/5/report", headers=ADMIN).status_code == 404
+            assert http.get(f"/v1/federations/{fid}/export/2/report").status_code == 401
     finally:
         if not closed:
             http.__exit__(None, None, None)
