@@ -120,7 +120,8 @@ class LevelsSpec(_Strict):
 
     widths: list[float] | Literal["auto"] = Field(
         default_factory=lambda: [1.0, 0.75, 0.5, 0.25],
-        description="fractions of each layer's channels, one per level (1.0 is added when missing), or 'auto'",
+        description="fractions of each layer's channels, one per level, or 'auto'; without 1.0 no agent trains "
+        "the whole model (every agent trains at most the widest level: uniform structured pruning)",
     )
     rule: Literal["first", "importance", "rolling"] = Field(
         "first", description="first: first-k channels (HeteroFL); importance: the k largest-L2 channels "
@@ -141,10 +142,7 @@ class LevelsSpec(_Strict):
             raise ValueError(f"give 1 to {MAX_LEVELS} widths")
         if any(not 0.01 <= w <= 1 for w in v):
             raise ValueError("every width is a fraction in [0.01, 1]")
-        widths = sorted(set(v) | {1.0}, reverse=True)
-        if len(widths) > MAX_LEVELS:
-            raise ValueError(f"at most {MAX_LEVELS} levels including 1.0")
-        return widths
+        return sorted(set(v), reverse=True)
 
     def width_list(self) -> list[float]:
         return list(AUTO_WIDTHS) if self.widths == "auto" else list(self.widths)

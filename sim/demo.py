@@ -68,7 +68,27 @@ def federation_config(args: argparse.Namespace) -> dict[str, Any]:
         config["download_density"] = args.download_density
     if args.memory_budget_mb:
         config["memory_budget_mb"] = args.memory_budget_mb
+    if args.levels:
+        widths: Any = "auto" if args.levels == "auto" else [float(w) for w in args.levels.split(",")]
+        config["levels"] = {"widths": widths, "rule": args.level_rule}
     return config
+
+
+def agent_budgets(args: argparse.Namespace) -> list[str | None]:
+    """Per agent, its --memory-budget (None: unlimited): --agent-budgets, one per agent, or
+    --agent-memory-budget for all."""
+    if not args.agent_budgets:
+        return [args.agent_memory_budget] * args.agents
+    budgets = [None if b.strip().lower() in ("none", "") else b.strip() for b in args.agent_budgets.split(",")]
+    if len(budgets) != args.agents:
+        raise RuntimeError(f"--agent-budgets names {len(budgets)} budgets for {args.agents} agents")
+    return budgets
+
+
+def launched(args: argparse.Namespace) -> list[int]:
+    """The client indices that run (--skip-agents leaves the partition as it is)."""
+    skip = {int(i) for i in args.skip_agents.split(",") if i.strip()} if args.skip_agents else set()
+    return [i for i in range(args.agents) if i not in skip]
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,6 +106,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     procs: list[subprocess.Popen] = []
     logs = []
     started = time.time()
+    admin_http: httpx.Client | None = None
     try:
         log = open(out / "logs" / "coordinator.log", "w")  # noqa: SIM115 (closed in finally)
         logs.append(log)
@@ -99,7 +120,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if resp.is_error:
             raise RuntimeError(f"creating the federation failed: {resp.status_code} {resp.text}")
         fid = resp.json()["id"]
-        for i in range(args.agents):
+        budgets = agent_budgets(args)
+        for i in launched(args):
             log = open(out / "logs" / f"agent-{i}.log", "w")  # noqa: SIM115
             logs.append(log)
             cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--url", url, "--state-dir", str(out / "agents" / f"agent-{i}"),
@@ -108,14 +130,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                    "--threads", str(threads), "--idle-exit", "120", "--poll", "5"]
             if args.data_dir:
                 cmd += ["--data-dir", args.data_dir]
-            if args.agent_memory_budget:
-                cmd += ["--memory-budget", args.agent_memory_budget]
+            if budgets[i]:
+                cmd += ["--memory-budget", str(budgets[i])]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        _wait_enrolled(admin_http, args.agents, procs)
+        _wait_enrolled(admin_http, len(launched(args)), procs)
         admin_http.post(f"/v1/federations/{fid}/start").raise_for_status()
         rows = _follow(admin_http, fid, args.rounds, procs, quiet=args.quiet)
         final_weights = admin_http.get(f"/v1/federations/{fid}/model").content
+        agents = admin_http.get("/v1/agents").json()
+        level_exports = _level_exports(admin_http, fid, rows) if args.levels and not args.no_export else []
     finally:
+        if admin_http is not None:
+            admin_http.close()
         for p in procs[1:] + procs[:1]:
             if p.poll() is None:
                 p.terminate()
@@ -127,6 +153,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         for f in logs:
             f.close()
     results = _results(args, fid, rows, time.time() - started)
+    results["agents"] = agents
+    if level_exports:
+        results["level_exports"] = level_exports
     (out / "final_model.bin").write_bytes(final_weights)
     if not args.no_export:
         from sim.demo_export import export_final
@@ -138,6 +167,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(format_table(results))
         print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
     return results
+
+
+def _level_exports(http: httpx.Client, fid: str, rows: list[dict]) -> list[dict[str, Any]]:
+    """The coordinator's ONNX export report of every width level of the final model."""
+    reports = []
+    for level in rows[-1].get("levels", []) if rows else []:
+        resp = http.get(f"/v1/federations/{fid}/export/{level['level']}/report", timeout=600)
+        resp.raise_for_status()
+        reports.append(resp.json())
+    return reports
 
 
 def _wait_enrolled(http: httpx.Client, n: int, procs: list[subprocess.Popen], timeout: float = 180) -> None:
@@ -260,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download-density", type=float, default=None)
     p.add_argument("--memory-budget-mb", type=float, default=None, help="federation-wide agent memory budget in MiB")
     p.add_argument("--agent-memory-budget", default=None, help="per-agent --memory-budget, e.g. 200MB (= 200 MiB)")
+    p.add_argument("--agent-budgets", default=None,
+                   help="one --memory-budget per agent, comma-separated ('none': unlimited), e.g. 8MB,8MB,none")
+    p.add_argument("--skip-agents", default=None, help="client indices not to launch (the partition is unchanged)")
+    p.add_argument("--levels", default=None, help="width levels: comma-separated widths (e.g. 1,0.75,0.5,0.25) or auto")
+    p.add_argument("--level-rule", default="first", choices=["first", "importance", "rolling"])
     p.add_argument("--eval-samples", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="cap local steps (smoke tests)")
     p.add_argument("--deadline", type=float, default=600.0, help="round deadline in seconds")
