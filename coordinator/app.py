@@ -4,6 +4,7 @@ service, map domain errors to HTTP status codes in one place."""
 # No `from __future__ import annotations`: FastAPI must resolve the local dependencies.
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -37,10 +38,12 @@ from coordinator.protocol import (
     EnrollResponse,
     FederationCreate,
     FederationPublic,
+    RoundInFlight,
     TaskDecline,
     UpdateReceipt,
     UpdateReport,
 )
+from coordinator.round_view import round_in_flight
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, FederationRow
@@ -156,6 +159,11 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     @api.get("/federations/{fid}/rounds", dependencies=[Admin])
     def round_metrics(fid: FederationId) -> list[dict]:
         return svc.round_metrics(fid)
+
+    @api.get("/federations/{fid}/live", dependencies=[Admin])
+    def live_round(fid: FederationId) -> RoundInFlight:
+        """The round in flight: updates received / expected, deadline, who has not answered."""
+        return round_in_flight(svc.store, svc.get_federation(fid), time.time())
 
     @api.get("/agents", dependencies=[Admin])
     def list_agents() -> list[AgentPublic]:
