@@ -246,5 +246,5 @@ class RoundInFlight(_Strict):
     deadline: float | None = None  # unix seconds
     seconds_left: float | None = None  # deadline - server time (never negative)
     # selected agents that have neither uploaded nor declined; after the deadline, stragglers
-    waiting_for: list[str] = Field(default_factory=list)
+    waiting_for: list[str] = Field(default_factory=list, max_length=100_000)
     server_time: float
