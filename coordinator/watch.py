@@ -77,27 +77,35 @@ def watch(api: Api, fid: str, *, interval: float = 1.0, timeout: float | None = 
     console = console or Console(highlight=False)
     give_up = None if timeout is None else time.monotonic() + timeout
     names: dict[str, str] = {}
-    shown_round: int | None = None
+    shown: tuple[int, int] | None = None  # (round, attempt) of the newest bar
     last_line = ""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), console=console, transient=False)
     task: Any = None
     live_display = console.is_interactive  # a terminal that redraws (not a pipe, not TERM=dumb)
+
+    def finish_bar(info: str) -> None:
+        if task is not None:
+            progress.update(task, completed=progress.tasks[-1].total, info=info)
+
     if live_display:
         progress.start()
     try:
         while True:
             live = _live(api, fid)
             if live.status.value in _ENDED:
-                if task is not None:
-                    progress.update(task, completed=progress.tasks[-1].total)
+                finish_bar("closed")
                 break
-            if live.round is not None and live.round != shown_round:
-                names, shown_round = _names(api), live.round  # the round's sample may hold new agents
+            key = (live.round, live.attempt or 1) if live.round is not None else None
+            if key != shown and (key is None or shown is None or key[0] > shown[0]):
+                finish_bar("closed")  # the bar's round closed (retries keep their own bars below)
+            if key is not None and key != shown:
+                names, shown = _names(api), key  # the new sample may hold agents not seen yet
                 if live_display:
-                    task = progress.add_task(f"round {live.round}/{live.rounds}", total=max(live.expected, 1), info="")
+                    task = progress.add_task(f"round {live.round}/{live.rounds}" + (f" attempt {key[1]}" if key[1] > 1 else ""),
+                                             total=max(live.expected, 1), info="")
             line = describe(live, names)
-            if live_display and task is not None:
+            if live_display and key is not None and task is not None:
                 progress.update(task, completed=live.received + live.declined, info=escape(line.split(": ", 1)[-1]))
             elif not live_display and line != last_line:
                 console.print(line, markup=False)

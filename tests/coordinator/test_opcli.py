@@ -149,3 +149,5 @@ def test_watch_follows_the_round_in_flight_to_the_end(cluster: Cluster, env: dic
     assert lines[-1].startswith(f"federation {fid} completed after 2/2 rounds, accuracy "), out
     assert rich.returncode == 0, rich_err
     assert "round 2/2" in rich_out and "━" in rich_out and f"federation {fid} completed" in rich_out
+    final_frame = rich_out.rsplit("\x1b[2K", 1)[-1]  # the last redraw: both bars full and closed
+    assert final_frame.count("2/2") >= 2 and final_frame.count("closed") == 2, final_frame
