@@ -5,6 +5,7 @@ service, map domain errors to HTTP status codes in one place."""
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -40,10 +41,12 @@ from coordinator.protocol import (
     EnrollResponse,
     FederationCreate,
     FederationPublic,
+    RoundInFlight,
     TaskDecline,
     UpdateReceipt,
     UpdateReport,
 )
+from coordinator.round_view import round_in_flight
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, FederationRow
@@ -161,6 +164,11 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     @api.get("/federations/{fid}/rounds", dependencies=[Admin])
     def round_metrics(fid: FederationId) -> list[dict]:
         return svc.round_metrics(fid)
+
+    @api.get("/federations/{fid}/live", dependencies=[Admin])
+    def live_round(fid: FederationId) -> RoundInFlight:
+        """The round in flight: updates received / expected, deadline, who has not answered."""
+        return round_in_flight(svc.store, svc.get_federation(fid), time.time())
 
     @api.get("/agents", dependencies=[Admin])
     def list_agents() -> list[AgentPublic]:

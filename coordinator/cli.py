@@ -1,17 +1,13 @@
-"""`fedslim-coordinator`: serve the API; small admin commands over HTTP."""
+"""`fedslim-coordinator`: serve the API; the operator's commands over REST (coordinator/opcli.py)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import httpx
+from coordinator.opcli import add_commands
 
 __all__ = ["main"]
 
@@ -44,42 +40,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin(args: argparse.Namespace) -> int:
-    import ssl
-
-    import httpx
-
-    token = os.environ.get("FEDSLIM_ADMIN_TOKEN", "dev-admin-token")
-    # --cacert pins the CA for an https coordinator (a self-signed one, say); without it
-    # httpx honours SSL_CERT_FILE / SSL_CERT_DIR, else certifi's bundle.
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=args.cacert) if args.cacert else True
-    try:
-        resp = _admin_request(httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {token}"},
-                                           timeout=30, verify=verify), args)
-    except httpx.TransportError as exc:
-        print(f"fedslim-coordinator: {args.url}: {exc}", file=sys.stderr)
-        return 1
-    if resp.is_error:
-        print(f"{resp.status_code}: {resp.text}", file=sys.stderr)
-        return 1
-    print(json.dumps(resp.json(), indent=2))
-    return 0
-
-
-def _admin_request(client: httpx.Client, args: argparse.Namespace) -> httpx.Response:
-    with client:
-        if args.cmd == "create":
-            body = json.loads(Path(args.config).read_text()) if args.config else {}
-            resp = client.post("/v1/federations", json=body)
-        elif args.cmd == "list":
-            resp = client.get("/v1/federations")
-        elif args.cmd == "metrics":
-            resp = client.get(f"/v1/federations/{args.federation}/rounds")
-        else:
-            resp = client.post(f"/v1/federations/{args.federation}/{args.cmd}")
-    return resp
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedslim-coordinator", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -101,16 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="close an idle keep-alive connection after S s (FEDSLIM_TIMEOUT_KEEP_ALIVE_S)")
     serve.add_argument("--backlog", type=int, default=2048, help="listen(2) backlog")
     serve.set_defaults(func=_serve)
-    for name, helptext in [("create", "create a federation from a JSON config"), ("list", "list federations"),
-                           ("start", ""), ("pause", ""), ("resume", ""), ("stop", ""), ("metrics", "per-round metrics")]:
-        p = sub.add_parser(name, help=helptext or f"{name} a federation")
-        p.add_argument("--url", default="http://127.0.0.1:8080")
-        p.add_argument("--cacert", help="CA bundle (PEM) to verify an https --url with (default: SSL_CERT_FILE, certifi)")
-        if name == "create":
-            p.add_argument("config", nargs="?", help="JSON file (FederationCreate); defaults otherwise")
-        elif name != "list":
-            p.add_argument("federation")
-        p.set_defaults(func=_admin)
+    add_commands(sub)  # the operator's commands over REST (coordinator/opcli.py)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -25,6 +25,7 @@ __all__ = [
     "FederationCreate",
     "FederationPublic",
     "FederationStatus",
+    "RoundInFlight",
     "StrategySpec",
     "Task",
     "TaskDecline",
@@ -293,3 +294,25 @@ class UpdateReceipt(_Strict):
     round: int
     accepted: bool
     duplicate: bool = False
+
+
+class RoundInFlight(_Strict):
+    """The round a federation is running now, as the dashboard and `watch` show it (read
+    only). `round` is None when no round is open (between rounds, or not running)."""
+
+    federation_id: str
+    status: FederationStatus
+    rounds: int  # the federation's total
+    completed_rounds: int
+    round: int | None = None
+    attempt: int | None = None
+    expected: int = 0  # agents selected for this attempt
+    received: int = 0  # accepted updates
+    declined: int = 0
+    min_clients: int = 0
+    opened_at: float | None = None
+    deadline: float | None = None  # unix seconds
+    seconds_left: float | None = None  # deadline - server time (never negative)
+    # selected agents that have neither uploaded nor declined; after the deadline, stragglers
+    waiting_for: list[str] = Field(default_factory=list, max_length=100_000)
+    server_time: float

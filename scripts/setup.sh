@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh machine: Fashion-MNIST (Debian package), a virtual env in
-# .venv, pinned dependencies (constraints.txt; torch first, so no CUDA build is pulled).
+# Idempotent set-up on a fresh machine: Fashion-MNIST (Debian package), chromium for the
+# dashboard's browser test, a virtual env in .venv, pinned dependencies (constraints.txt;
+# torch first, so no CUDA build is pulled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,20 @@ if [ ! -f "$DATA_DIR/t10k-labels-idx1-ubyte.gz" ] && [ ! -f "$DATA_DIR/t10k-labe
     echo "  apt-get update && apt-get install -y dataset-fashion-mnist" >&2
     echo "or set FEDSLIM_FASHION_MNIST_DIR to a directory holding the IDX files." >&2
     exit 1
+  fi
+fi
+
+# The dashboard's browser test (tests/coordinator/test_dashboard_browser.py) drives Debian's
+# chromium with its matching chromedriver; without them (no root) that test skips, saying why.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing chromium + chromium-driver (Debian) for the dashboard's browser test"
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+  else
+    echo "note: chromium/chromium-driver missing and this user cannot install them; the dashboard's" >&2
+    echo "browser test will skip. As root: apt-get install -y chromium chromium-driver" >&2
   fi
 fi
 

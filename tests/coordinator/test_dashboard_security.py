@@ -69,7 +69,8 @@ class E extends N {
   addEventListener(type, f) { this.on[type] = f; }
   set innerHTML(_) { throw new Error('innerHTML'); } set outerHTML(_) { throw new Error('outerHTML'); }
   insertAdjacentHTML() { throw new Error('insertAdjacentHTML'); } }
-const ids = {tok: new E('input'), feds: new E('div'), err: new E('span'), show: new E('button')};
+const ids = {tok: new E('input'), feds: new E('div'), agents: new E('div'), err: new E('span'), show: new E('button'),
+  updated: new E('span')};
 const store = {}, calls = [];
 const define = (name, value) => Object.defineProperty(globalThis, name, {value, configurable: true, writable: true});
 define('Node', N);
@@ -89,7 +90,8 @@ setTimeout(() => {
   const h2 = [];
   const walk = n => { if (n.tag === 'h2') h2.push(n.textContent); (n.children || []).forEach(walk); };
   walk(ids.feds);
-  console.log(JSON.stringify({h2, err: ids.err.textContent, text: ids.feds.textContent, created, calls, store}));
+  console.log(JSON.stringify({h2, err: ids.err.textContent, text: ids.feds.textContent, agents: ids.agents.textContent,
+                              created, calls, store}));
 }, 100);
 """
 
@@ -99,6 +101,8 @@ def test_script_renders_hostile_names_as_text(tmp_path: Path) -> None:
     # Arrange: a federation whose name, error and id are markup
     fid = "f/../<b>"
     data = {
+        "/v1/agents": [{"id": "a1", "name": HOSTILE, "enrolled_at": 0, "last_seen": 0, "status": "online",
+                        "memory_budget_bytes": 2**20, "needs_bytes": {fid: 2**21}}],
         "/v1/federations": [{"id": fid, "status": "failed", "current_round": 1, "error": HOSTILE,
                              "config": {"name": HOSTILE, "rounds": 3, "strategy": {"name": "fedavg"}}}],
         "/v1/federations/f%2F..%2F%3Cb%3E/rounds": [
@@ -117,6 +121,7 @@ def test_script_renders_hostile_names_as_text(tmp_path: Path) -> None:
     assert page["err"] == ""
     assert page["h2"] == [f"{HOSTILE} ({fid}, failed, round 1/3, strategy fedavg)"]
     assert "error: " + HOSTILE in page["text"] and "0.5000" in page["text"]
+    assert HOSTILE in page["agents"]  # the agent's name (bounded by the protocol, but still text)
     assert not {"img", "script", "b"} & set(page["created"])
     assert page["store"] == {"fedslim-token": "tok-123"}
-    assert [c[1] for c in page["calls"]] == ["Bearer tok-123"] * 2
+    assert [c[1] for c in page["calls"]] == ["Bearer tok-123"] * 3  # agents, federations, rounds
