@@ -195,9 +195,10 @@ DASHBOARD_JS = r"""'use strict';
     const table = el('table', {class: 'agents'}, el('tr', {}, ...head.map(t => el('th', {}, t))));
     for (const a of agents) {
       const needs = Object.entries(a.needs_bytes || {}).map(([f, n]) => (fedNames.get(f) || f) + ': ' + fixed(mb(n), 1));
+      const widths = Object.entries(a.widths || {}).map(([f, w]) => (fedNames.get(f) || f) + ': ' + w);
       table.append(el('tr', {'data-agent': a.id},
         ...[a.name, a.id, a.status, fixed(now - a.last_seen, 0) + ' s ago', fixed(mb(a.memory_budget_bytes), 1),
-            a.level ?? a.width ?? '-', needs.join(', ') || '-'].map(v => el('td', {}, v ?? '-')),
+            widths.join(', ') || '-', needs.join(', ') || '-'].map(v => el('td', {}, v ?? '-')),
         el('td', {}, a.status === 'revoked' ? '' : revokeButton(a))));
     }
     return el('div', {}, el('h2', {}, `Agents (${agents.length})`), table);
