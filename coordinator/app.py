@@ -228,6 +228,13 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         """Delta from version-1; apply the reshape first when the RESHAPE header says 1."""
         return _model_response(fid, version, True)
 
+    @api.get("/federations/{fid}/models/{version}/levels/{level}", dependencies=[Reader], response_class=Response)
+    def model_level(fid: FederationId, version: VersionNo, level: LevelNo,
+                    round: Annotated[int, Query(ge=1, le=MAX_ID)]) -> Response:  # noqa: A002 (the API's word)
+        """Width level `level`'s slice of `version` for round `round` (the current version only)."""
+        data = svc.level_model_bytes(fid, version, round, level)
+        return Response(data, media_type=_OCTETS, headers={VERSION_HEADER: str(version), KIND_HEADER: "model"})
+
     @api.get("/federations/{fid}/models/{version}/reshape", dependencies=[Reader], response_class=Response)
     def model_reshape(fid: FederationId, version: VersionNo) -> Response:
         """Kept channel indices per tensor and dimension, from version-1 (JSON)."""

@@ -263,6 +263,9 @@ class Task(_Strict):
     # of the model, or a narrower one if its own plan says the given one does not fit
     levels: list[TaskLevel] = Field(default_factory=list, max_length=MAX_LEVELS)
     level: int | None = Field(None, ge=0, lt=MAX_LEVELS)
+    # with levels: the global model's tensor shapes (a level agent downloads only its slice
+    # from .../models/{version}/levels/{level}?round=R and keeps its residual in these shapes)
+    model_shapes: dict[str, list[int]] = Field(default_factory=dict, max_length=10_000)
 
 
 class UpdateReport(_Strict):

@@ -84,6 +84,7 @@ class _Live:
     levels: tuple[tuple[int, int], list[PlannedLevel]] | None = None
     assigned: dict[str, int] = dataclasses.field(default_factory=dict)
     unfit: dict[str, int] = dataclasses.field(default_factory=dict)  # agent -> the smallest level's need
+    slices: dict[tuple[int, int, int], bytes] = dataclasses.field(default_factory=dict)  # served level slices
 
 
 class CoordinatorService:
@@ -247,6 +248,28 @@ class CoordinatorService:
             self._served[key] = self._served.get(key, 0) + len(data)
         return version, data, m["reshape_blob"] is not None
 
+    def level_model_bytes(self, fid: str, version: int, rnd: int, level: int) -> bytes:
+        """The slice of width level `level` of round `rnd` of model `version` (codec
+        kind=model, the slice's shapes): what an agent of that level downloads instead of
+        the whole model. Served for the current version only; counts the bytes."""
+        fed = self.get_federation(fid)
+        with self.lock:
+            live = self._load(fed)
+            if version != live.version:
+                raise NotFound(f"level slices are served for the current version {live.version} only, not {version}")
+            levels = self._levels(live, rnd)
+            if not 0 <= level < len(levels):
+                raise NotFound(f"round {rnd} of federation {fid} has {len(levels)} width level(s); no level {level}")
+            key = (version, rnd, level)
+            cached = live.slices.get(key)
+            if cached is None:
+                cached = encode_model(fid, version, apply_reshape(live.weights, levels[level].level.reshape))
+                live.slices = {key: cached, **{k: v for k, v in live.slices.items() if k[:2] == key[:2]}}
+        with self._served_lock:
+            served = (fid, fed.current_round + 1)
+            self._served[served] = self._served.get(served, 0) + len(cached)
+        return cached
+
     def export(self, fid: str, level: int | None = None) -> tuple[Path, dict[str, Any]]:
         """The current global model (or its width level `level`) as verified ONNX + its
         report (built once per version and level)."""
@@ -278,6 +301,7 @@ class CoordinatorService:
             deadline=row.deadline, memory_budget_mb=cfg.memory_budget_mb,
             model_sha256=base["blob"] if base else "", seed=cfg.seed, download_values=cfg.download_values,
             levels=task_levels(self._levels(live, row.round)),
+            model_shapes={k: list(v.shape) for k, v in live.weights.items()} if cfg.levels is not None else {},
         )
         return task.model_dump_json().encode()
 

@@ -10,12 +10,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from coordinator.protocol import Task
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
-from edge_agent.levels import train_level
+from edge_agent.levels import SliceSource, local_slices, train_level
 from edge_agent.local import BudgetExceeded, initial_weights, run_task
 from models import ImageDataset
 from sparse_kernels import MAX_MODEL_BYTES, CodecError, ErrorFeedback, Weights, decode
@@ -122,11 +123,30 @@ class EdgeAgent:
         return {k: v.copy() for k, v in weights.items()}
 
     # ------------------------------------------------------------------ one task
-    def _feedback(self, federation_id: str, weights: Weights) -> ErrorFeedback:
+    def _slices(self, task: Task) -> SliceSource:
+        """Level slices: cut from the seeded initial model when this agent can rebuild it
+        (version 0) or from the global model when its level is the whole model (cached and
+        patched as without levels), else downloaded (the current version's slice only)."""
+        if task.model_version == 0 and task.model_sha256:
+            rebuilt = initial_weights(task)
+            if hashlib.sha256(encode_model(task.federation_id, 0, rebuilt)).hexdigest() == task.model_sha256:
+                return local_slices(task, rebuilt)
+        if not task.levels[task.level or 0].slices:  # the whole model: the cached model and its patches
+            return local_slices(task, self.sync_model(task.federation_id, task.model_version, task))
+
+        def download(level: int) -> Weights:
+            data = self.client.download_level(task.federation_id, task.model_version, level, task.round)
+            weights = decode(data, max_bytes=MAX_MODEL_BYTES).to_dense()
+            check_model(weights)
+            return weights
+
+        return download
+
+    def _feedback(self, federation_id: str, shapes: dict[str, tuple[int, ...]]) -> ErrorFeedback:
         feedback = ErrorFeedback()
         saved = self.state.load_arrays("residual")
         if saved and saved[0].get("federation") == federation_id and all(
-            k in weights and weights[k].shape == v.shape for k, v in saved[1].items()
+            k in shapes and shapes[k] == v.shape for k, v in saved[1].items()
         ):
             feedback.load_state_dict(saved[1])  # else the structure changed: start afresh
         return feedback
@@ -135,11 +155,16 @@ class EdgeAgent:
         if time.time() > task.deadline:
             log.warning("round %d: deadline already passed, skipping", task.round)
             return
-        weights = self.sync_model(task.federation_id, task.model_version, task)
-        feedback = self._feedback(task.federation_id, weights)
-        train = train_level if task.levels else run_task
-        result = train(task, weights, self.data, feedback, memory_budget_bytes=self.memory_budget_bytes,
-                       seed=self.seed, progress=self.progress)
+        kw: dict[str, Any] = {"memory_budget_bytes": self.memory_budget_bytes, "seed": self.seed,
+                              "progress": self.progress}
+        if task.levels:  # a width level: only the slice is downloaded
+            shapes = {k: tuple(v) for k, v in task.model_shapes.items()}
+            feedback = self._feedback(task.federation_id, shapes)
+            result = train_level(task, self._slices(task), self.data, feedback, **kw)
+        else:
+            weights = self.sync_model(task.federation_id, task.model_version, task)
+            feedback = self._feedback(task.federation_id, {k: v.shape for k, v in weights.items()})
+            result = run_task(task, weights, self.data, feedback, **kw)
         receipt = self.client.upload_update(task.federation_id, task.round, result.body, result.report)
         self.state.save_arrays("residual", {"federation": task.federation_id}, feedback.state_dict())
         log.info("round %d: uploaded %d bytes (loss %.4f, %d samples, peak %.1f MB)%s", task.round,
@@ -180,6 +205,7 @@ class EdgeAgent:
                 log.warning("round %d: coordinator refused: %s", task.round, exc)
                 if exc.status == 401:
                     raise
+                self._skip(task)  # the same task would be refused again: no busy loop
             except CoordinatorUnavailable as exc:
                 log.warning("round %d: upload failed (%s)", task.round, exc)
             except (UnsafeModel, CodecError) as exc:  # refuse the model, keep serving

@@ -117,6 +117,11 @@ class CoordinatorClient:
         resp = self._download(f"/federations/{federation_id}/models/{version}/patch", "patch")
         return resp.content, resp.headers.get(RESHAPE_HEADER) == "1"
 
+    def download_level(self, federation_id: str, version: int, level: int, rnd: int) -> bytes:
+        """Width level `level`'s slice of `version` for round `rnd` (codec kind=model)."""
+        resp = self._download(f"/federations/{federation_id}/models/{version}/levels/{level}?round={rnd}", "model")
+        return resp.content
+
     def download_reshape(self, federation_id: str, version: int) -> bytes:
         return self._download(f"/federations/{federation_id}/models/{version}/reshape", "reshape").content
 

@@ -13,7 +13,7 @@ level covers it again, so moving between levels loses nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,9 +24,9 @@ from edge_agent.local import LocalResult, run_task
 from models import ImageDataset
 from sparse_kernels import ErrorFeedback, Weights
 from sparse_kernels.errors import MalformedPayload
-from sparse_kernels.reshape import Reshape, apply_reshape, from_runs, scatter_slice
+from sparse_kernels.reshape import Reshape, apply_reshape, from_runs, scatter_slice, slice_shapes
 
-__all__ = ["level_reshape", "merge_feedback", "sliced_feedback", "train_level"]
+__all__ = ["SliceSource", "level_reshape", "local_slices", "merge_feedback", "sliced_feedback", "train_level"]
 
 log = logging.getLogger("fedslim.agent")
 
@@ -63,20 +63,28 @@ def merge_feedback(feedback: ErrorFeedback, local: ErrorFeedback, reshape: Resha
     feedback.load_state_dict(state)
 
 
-def train_level(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFeedback,
+# level index -> that level's slice of the global weights (downloaded, or cut locally)
+SliceSource = Callable[[int], Weights]
+
+
+def train_level(task: Task, slice_for: SliceSource, data: ImageDataset, feedback: ErrorFeedback,
                 **run_kwargs: Any) -> LocalResult:
     """Train the task's level (or the widest narrower one that fits); the upload is a delta
     on that slice. Raises BudgetExceeded when not even the narrowest fits, naming what it needs."""
-    shapes = {k: v.shape for k, v in weights.items()}
+    shapes = {k: tuple(v) for k, v in task.model_shapes.items()}
     start = task.level or 0
     if not 0 <= start < len(task.levels):
         raise ValueError(f"task level {start} is not one of its {len(task.levels)} levels")
     last: BudgetExceeded | None = None
     for i in range(start, len(task.levels)):
         reshape = level_reshape(task.levels[i], shapes)
+        weights = slice_for(i)
+        expected = slice_shapes(shapes, reshape)
+        if {k: v.shape for k, v in weights.items()} != expected:
+            raise ValueError(f"level {i}: the slice's shapes do not match the task's levels")
         local = sliced_feedback(feedback, reshape)
         try:
-            result = run_task(task, apply_reshape(weights, reshape), data, local, level=i, **run_kwargs)
+            result = run_task(task, weights, data, local, level=i, **run_kwargs)
         except BudgetExceeded as exc:
             log.warning("round %d: level %d (width %.3g) does not fit (%s)%s", task.round, i, task.levels[i].width, exc,
                         "; trying a narrower one" if i + 1 < len(task.levels) else "")
@@ -86,3 +94,9 @@ def train_level(task: Task, weights: Weights, data: ImageDataset, feedback: Erro
         return result
     assert last is not None
     raise last
+
+
+def local_slices(task: Task, weights: Weights) -> SliceSource:
+    """Slices cut from global weights the agent holds (the seeded initial model it rebuilt)."""
+    shapes = {k: v.shape for k, v in weights.items()}
+    return lambda i: apply_reshape(weights, level_reshape(task.levels[i], shapes))

@@ -17,7 +17,7 @@ from coordinator.levels import plan_levels, task_levels
 from coordinator.protocol import FederationCreate, Task
 from edge_agent.agent import AgentState, EdgeAgent
 from edge_agent.client import CoordinatorClient
-from edge_agent.levels import level_reshape, train_level
+from edge_agent.levels import level_reshape, local_slices, train_level
 from models import make_synthetic
 from models.state import seeded_weights
 from sparse_kernels import ErrorFeedback
@@ -33,7 +33,8 @@ def _task(level: int, cfg: dict[str, Any]) -> Task:
     weights = seeded_weights("lenet5", 0, in_channels=1, num_classes=10)
     return Task(federation_id="f", round=1, model="lenet5", in_channels=1, num_classes=10, image_size=None,
                 model_version=0, training=fc.training, strategy=fc.strategy, deadline=time.time() + 60,
-                levels=task_levels(plan_levels(fc, weights, 1)), level=level)
+                levels=task_levels(plan_levels(fc, weights, 1)), level=level,
+                model_shapes={k: list(v.shape) for k, v in weights.items()})
 
 
 def test_the_residual_follows_the_agent_between_levels() -> None:
@@ -45,12 +46,13 @@ def test_the_residual_follows_the_agent_between_levels() -> None:
     data = make_synthetic(64, seed=1)
     feedback = ErrorFeedback()
 
-    wide = train_level(_task(1, cfg), weights, data, feedback)  # level 1: width 0.5
+    wide_task = _task(1, cfg)
+    wide = train_level(wide_task, local_slices(wide_task, weights), data, feedback)  # level 1: width 0.5
     assert wide.report.level == 1
     after_wide = feedback.state_dict()
     assert {k: v.shape for k, v in after_wide.items()} == shapes  # kept in global coordinates
     narrow_task = _task(2, cfg)
-    narrow = train_level(narrow_task, weights, data, feedback)  # the budget shrank: level 2
+    narrow = train_level(narrow_task, local_slices(narrow_task, weights), data, feedback)  # the budget shrank: level 2
     after_narrow = feedback.state_dict()
 
     reshape = level_reshape(narrow_task.levels[2], shapes)
@@ -67,7 +69,7 @@ def test_the_residual_follows_the_agent_between_levels() -> None:
 
 def test_a_federation_of_budgeted_agents_trains_each_at_its_level(coordinator: Any, tmp_path: Path,
                                                                   one_thread: None) -> None:
-    cfg = small_federation(rounds=2, clients_per_round=2, min_clients=2, levels=LEVELS)
+    cfg = small_federation(rounds=3, clients_per_round=2, min_clients=2, levels=LEVELS)
     levels = plan_levels(FederationCreate.model_validate(cfg), seeded_weights("lenet5", 0, in_channels=1,
                                                                               num_classes=10), 1)
     budget = (levels[1].need_bytes + levels[2].need_bytes) // 2  # fits level 2 at min_batch, not level 1
@@ -80,11 +82,16 @@ def test_a_federation_of_budgeted_agents_trains_each_at_its_level(coordinator: A
                                 AgentState(tmp_path / f"agent-{i}"), memory_budget_bytes=b))
     fid = coordinator.post("/v1/federations", json=cfg, headers=ADMIN).json()["id"]
     coordinator.post(f"/v1/federations/{fid}/start", headers=ADMIN)
-    rows = run_to_completion(coordinator, fid, agents, max_tasks=2)
-    assert len(rows) == 2
+    rows = run_to_completion(coordinator, fid, agents, max_tasks=3)
+    assert len(rows) == 3
     for row in rows:
         by_budget = {a["budget_bytes"]: a for a in row["agents"]}
         assert by_budget[None]["level"] == 0
         assert by_budget[budget]["level"] == 2
         assert by_budget[budget]["planned_bytes"] <= budget
         assert {lv["width"] for lv in row["levels"]} == {1.0, 0.5, 0.25}
+    # from version 1 on, the narrow agent downloads its slice, not the whole model
+    model_bytes = len(coordinator.get(f"/v1/federations/{fid}/models/1", headers=ADMIN).content)
+    slice_bytes = len(coordinator.get(f"/v1/federations/{fid}/models/2/levels/2?round=3", headers=ADMIN).content)
+    assert slice_bytes < model_bytes / 2
+    assert agents[1].client.bytes_down < 2 * model_bytes
