@@ -97,20 +97,21 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://{_SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
 
-    def _admin(self, sql: str) -> None:
+    def _admin(self, statement: str, database: str) -> None:
         import psycopg
+        from psycopg import sql
 
         with psycopg.connect(self.url().replace("+psycopg", ""), autocommit=True) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]  # our own literal names only
+            conn.execute(sql.SQL(statement).format(sql.Identifier(database)))
 
     def create_database(self) -> str:
         name = f"t_{uuid.uuid4().hex[:16]}"
-        self._admin(f"CREATE DATABASE {name}")
+        self._admin("CREATE DATABASE {}", name)
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
         # FORCE: a coordinator process a test SIGKILLed may still hold a connection
-        self._admin(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+        self._admin("DROP DATABASE IF EXISTS {} WITH (FORCE)", url.rsplit("/", 1)[1])
 
     def stop(self) -> None:
         try:
