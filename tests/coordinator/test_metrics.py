@@ -110,18 +110,22 @@ def test_upload_counters_move_by_reason_and_rounds_are_timed(app_client: TestCli
     assert after["fedslim_agents_online"] == 2
 
 
-def test_each_app_counts_in_its_own_registry(tmp_path: Path) -> None:
+def test_each_app_counts_in_its_own_registry_and_online_means_seen_lately(tmp_path: Path) -> None:
     def app(name: str) -> TestClient:
-        return TestClient(create_app(CoordinatorSettings(data_dir=tmp_path / name, dev_mode=True, tick_s=0.05)))
+        return TestClient(create_app(CoordinatorSettings(data_dir=tmp_path / name, dev_mode=True, tick_s=0.05,
+                                                         agent_timeout_s=1.0)))
 
     with app("a") as a, app("b") as b:
         _enroll(a, 3)
-        a.get("/v1/federations/abc/model", headers=ADMIN)  # 404: serves nothing
         assert a.put("/v1/federations/abc/rounds/1/update", content=b"x").status_code == 401
-        wait_for(lambda: scrape(a)["fedslim_agents_online"] == 3, what="three online")
         assert scrape(a)["fedslim_updates_rejected_total{reason=unauthorized}"] == 1
         assert scrape(b)["fedslim_updates_rejected_total{reason=unauthorized}"] == 0
         assert scrape(b)["fedslim_agents_online"] == 0
+        # online: enrolled within agent_timeout_s and not revoked
+        agent = a.get("/v1/agents", headers=ADMIN).json()[0]["id"]
+        assert a.delete(f"/v1/agents/{agent}", headers=ADMIN).status_code == 200
+        assert scrape(a)["fedslim_agents_online"] == 2
+        wait_for(lambda: scrape(a)["fedslim_agents_online"] == 0, 5, what="nobody seen for agent_timeout_s")
 
 
 @pytest.mark.parametrize(
