@@ -13,6 +13,7 @@ then write its upgrade() by hand (SQLite needs `op.batch_alter_table` to alter c
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -24,6 +25,9 @@ from sqlalchemy import Connection, Engine
 __all__ = ["current_revision", "head_revision", "new_revision", "upgrade"]
 
 _HERE = Path(__file__).resolve().parent
+# Alembic's `op` and `context` are module-level proxies installed per run: two upgrades in
+# one process at once would clobber each other (other processes are the advisory lock's)
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -36,7 +40,7 @@ def _config(connection: Connection | None = None) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate `engine`'s database to `revision`, in one transaction where the database
     has transactional DDL (PostgreSQL: a failed upgrade leaves the old schema whole)."""
-    with engine.begin() as conn:
+    with _ONE_AT_A_TIME, engine.begin() as conn:
         command.upgrade(_config(conn), revision)
 
 
