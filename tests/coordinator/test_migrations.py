@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from coordinator.migrations import current_revision, head_revision, upgrade
+from coordinator.migrations import current_revision, head_revision
 from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow, metadata
 
 pytestmark = pytest.mark.both_databases
