@@ -29,7 +29,7 @@ import pytest
 
 from tests.helpers import free_port
 
-__all__ = ["PostgresServer", "find_postgres_bin"]
+__all__ = ["PostgresServer", "availability", "find_postgres_bin", "launch"]
 
 BACKENDS = ("sqlite", "postgresql")
 _SUPERUSER = "fedslim"
@@ -70,7 +70,9 @@ class PostgresServer:
             raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}): {done.stderr[-2000:]}{tail}")
         return done
 
-    def start(self) -> None:
+    def start(self, *, durable: bool = False) -> None:
+        """`durable`: fsync and synchronous commits on, as a production server (bench.backends
+        compares commit latency); the tests run without, on a server nobody keeps."""
         pwfile = self.root / "pw"
         pwfile.write_text(self.password + "\n")
         if self.run_as is not None:  # the server's user must own its directory
@@ -82,10 +84,11 @@ class PostgresServer:
         pwfile.unlink()
         for attempt in range(3):  # free_port() can race with another process: pick again
             self.port = free_port()
-            # fsync off: a throwaway server whose host never crashes under the tests; the
-            # tests kill the coordinator, not PostgreSQL
+            # fsync off for the tests: a throwaway server whose host never crashes under
+            # them (they kill the coordinator, not PostgreSQL)
+            sync = "" if durable else " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+                       f"-c max_connections=300{sync}")
             try:
                 self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
                           "-o", options, "start")
@@ -121,7 +124,7 @@ class PostgresServer:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _unavailable() -> tuple[Path | None, str | None, str | None]:
+def availability() -> tuple[Path | None, str | None, str | None]:
     """(bindir, OS user to run as, why PostgreSQL cannot run here or None)."""
     bindir = find_postgres_bin()
     if bindir is None:
@@ -142,21 +145,27 @@ def _unavailable() -> tuple[Path | None, str | None, str | None]:
     return bindir, "postgres", None
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    bindir, run_as, why = _unavailable()
-    if why is not None or bindir is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL tests cannot run under CI: {why}")
-        pytest.skip(f"PostgreSQL unavailable: {why}")
+def launch(bindir: Path, run_as: str | None, *, durable: bool = False) -> PostgresServer:
+    """A started server in a fresh temp dir (the caller stops it)."""
     # mkdtemp (mode 0700) directly under the temp dir, not pytest's tmp_path: as root that
     # lies under /tmp/pytest-of-root (0700), which the postgres user could not traverse
     server = PostgresServer(bindir, Path(tempfile.mkdtemp(prefix="fedslim-pg-")), run_as)
     try:
-        server.start()
+        server.start(durable=durable)
     except BaseException:
         server.stop()
         raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bindir, run_as, why = availability()
+    if why is not None or bindir is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL tests cannot run under CI: {why}")
+        pytest.skip(f"PostgreSQL unavailable: {why}")
+    server = launch(bindir, run_as)
     yield server
     server.stop()
 

@@ -26,8 +26,9 @@ from alembic.runtime.migration import MigrationContext
 
 from coordinator.migrations import current_revision, head_revision
 from coordinator.store import AgentRow, FederationRow, RoundRow, Store, UpdateRow, metadata
+from tests.pg import PostgresServer
 
-pytestmark = pytest.mark.both_databases
+pytestmark = pytest.mark.both_databases  # each test that takes database_url runs on both
 DATA = Path(__file__).parent / "data"
 
 # what the previous release wrote: one row or two per table, values with every kind of edge
@@ -161,11 +162,10 @@ def test_an_older_database_gets_its_missing_columns_and_tables(tmp_path: Path, d
         store.close()
 
 
-def test_coordinators_starting_together_migrate_once(tmp_path: Path, database_url: str | None) -> None:
-    """Four coordinator processes open one empty database at the same moment: none fails."""
-    url = _url(database_url, tmp_path)
-    if url.startswith("sqlite"):
-        pytest.skip("one SQLite file has one coordinator; the race is between PostgreSQL replicas")
+def test_coordinators_starting_together_migrate_once(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """Four coordinator processes open one empty PostgreSQL database at the same moment
+    (replicas starting together): none fails. (One SQLite file has one coordinator.)"""
+    url = postgres_server.create_database()
     # each waits for the same wall-clock instant, then opens its Store (Alembic runs)
     at = time.time() + 2.0
     code = ("import sys, time; from pathlib import Path; from coordinator.store import Store; "
@@ -177,3 +177,4 @@ def test_coordinators_starting_together_migrate_once(tmp_path: Path, database_ur
     engine = sa.create_engine(url)
     assert current_revision(engine) == "0002" and _schema_diff(engine) == []
     engine.dispose()
+    postgres_server.drop_database(url)
