@@ -58,6 +58,7 @@ class PostgresServer:
         self.data = root / "data"
         self.password = secrets.token_hex(16)
         self.port = 0
+        self._sync = ""
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bindir / args[0]), *args[1:]]
@@ -82,20 +83,28 @@ class PostgresServer:
         self._run("initdb", "-D", str(self.data), "-U", _SUPERUSER, f"--pwfile={pwfile}",
                   "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-sync")
         pwfile.unlink()
+        # fsync off for the tests: a throwaway server whose host never crashes under
+        # them (they kill the coordinator, not PostgreSQL)
+        self._sync = "" if durable else " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         for attempt in range(3):  # free_port() can race with another process: pick again
             self.port = free_port()
-            # fsync off for the tests: a throwaway server whose host never crashes under
-            # them (they kill the coordinator, not PostgreSQL)
-            sync = "" if durable else " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                       f"-c max_connections=300{sync}")
             try:
-                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
-                          "-o", options, "start")
+                self.resume()
                 return
             except RuntimeError:
                 if attempt == 2:
                     raise
+
+    def resume(self) -> None:
+        """Start the postmaster (again, after `pause`: same port, same data)."""
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
+                   f"-c max_connections=300{self._sync}")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
+                  "-o", options, "start")
+
+    def pause(self) -> None:
+        """Stop the postmaster, disconnecting every client (a database restart, as seen by them)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://{_SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"

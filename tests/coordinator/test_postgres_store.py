@@ -6,7 +6,8 @@ Mutations these kill: 32-bit columns for budgets/byte counts (PostgreSQL refuses
 single-precision floats (timestamps lose their sub-second part), an autocommit engine (a
 failed transaction leaves half its rows), the UNIQUE on token_hash lost, put_round
 inserting twice, a decline of an earlier attempt kept beside the new one, a bare
-postgresql:// URL left to psycopg2.
+postgresql:// URL left to psycopg2, no pre-ping (a restarted PostgreSQL answered with
+dead pooled connections), a database outage that is not a 503.
 """
 
 from __future__ import annotations
@@ -93,3 +94,37 @@ def test_an_agent_token_hash_is_unique(store: Store) -> None:
 )
 def test_engine_url_points_postgresql_at_psycopg(given: str, want: str) -> None:
     assert engine_url(given) == want
+
+
+def test_a_restarted_postgresql_is_a_503_while_down_and_no_error_after(tmp_path: Path) -> None:
+    """The database restarts under a running coordinator: requests that need it get 503 +
+    Retry-After while it is down, and the first request after it is back succeeds (the
+    pool pings a connection on checkout instead of handing out a dead one). Its own
+    server: the session's must not go down under other tests."""
+    from fastapi.testclient import TestClient
+
+    from coordinator.app import create_app
+    from coordinator.settings import CoordinatorSettings
+    from tests.helpers import ADMIN
+    from tests.pg import availability, launch
+
+    bindir, run_as, why = availability()
+    if why is not None or bindir is None:
+        pytest.skip(f"PostgreSQL unavailable: {why}")
+    server = launch(bindir, run_as)
+    try:
+        # no scheduler tick during the test (it would meet the dead connections first)
+        settings = CoordinatorSettings(data_dir=tmp_path / "c", database_url=server.create_database(), dev_mode=True,
+                                       tick_s=600)
+        with TestClient(create_app(settings)) as c:
+            assert c.get("/v1/federations", headers=ADMIN).status_code == 200  # a pooled connection exists now
+            server.pause()
+            server.resume()  # that connection is dead, the pool does not know yet
+            assert [c.get("/v1/federations", headers=ADMIN).status_code for _ in range(3)] == [200] * 3
+            server.pause()
+            down = c.get("/v1/federations", headers=ADMIN)
+            assert down.status_code == 503 and down.headers["retry-after"] == "5", down.text
+            server.resume()
+            assert c.get("/v1/federations", headers=ADMIN).status_code == 200
+    finally:
+        server.stop()
