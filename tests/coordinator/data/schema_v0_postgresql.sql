@@ -1,5 +1,6 @@
 -- fedslim coordinator schema before Alembic (release 0.x, coordinator/store.py at 5389d96),
--- generated from its SQLAlchemy metadata for postgresql: the schema Alembic must upgrade from.
+-- generated from its SQLAlchemy metadata for postgresql (CreateTable(table).compile(dialect) per
+-- table of coordinator.store.metadata): the schema Alembic must upgrade from.
 
 CREATE TABLE agents (
 	id VARCHAR(64) NOT NULL,
