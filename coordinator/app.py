@@ -279,7 +279,7 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     def metrics(token: Annotated[str | None, Depends(_bearer)]) -> Response:
         """Prometheus exposition. Bearer: the admin token or `metrics_token`. Not public: it
         tells how many agents are online and how the rounds go, which is the operator's."""
-        scrape = settings.metrics_token
+        scrape = svc.settings.metrics_token
         if not (svc.auth.is_admin(token) or (token and scrape and same_secret(token, scrape.get_secret_value()))):
             raise Unauthorized("/metrics needs the admin token or the metrics token")
         return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE)
