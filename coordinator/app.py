@@ -17,6 +17,8 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
+from coordinator import logs
+from coordinator.auth import same_secret
 from coordinator.dashboard import DASHBOARD_HTML, DASHBOARD_JS, SECURITY_HEADERS
 from coordinator.errors import (
     BadRequest,
@@ -24,9 +26,11 @@ from coordinator.errors import (
     PayloadTooLarge,
     RequestTimeout,
     TooManyRequests,
+    Unauthorized,
     Unavailable,
 )
 from coordinator.limits import BodyLimit
+from coordinator.metrics import CONTENT_TYPE, UploadOutcomes
 from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
@@ -100,7 +104,16 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
 
     app = FastAPI(title="fedslim coordinator", version=__version__, lifespan=lifespan)
     app.state.service = svc
+    logs.configure(settings.log_format)
     app.add_middleware(BodyLimit, limits=svc.settings)
+    app.add_middleware(UploadOutcomes, metrics=svc.metrics)  # outside the body cap: its 413s count
+    app.add_middleware(logs.RequestLog, enabled=settings.log_requests)  # outermost: every request has an id
+
+    def online_agents() -> int:
+        with svc.store.tx() as conn:
+            return svc.store.count_online(conn, time.time() - svc.settings.agent_timeout_s)
+
+    svc.metrics.watch_online(online_agents)
 
     @app.exception_handler(CoordinatorError)
     async def _domain_error(_: Request, exc: CoordinatorError) -> JSONResponse:
@@ -195,7 +208,8 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         restates the device's training memory budget (bytes)."""
         if memory_budget_bytes is not None:
             svc.auth.state_budget(who, memory_budget_bytes)
-        task = await svc.next_task(who, wait)
+        with svc.metrics.polls_waiting.track_inprogress():
+            task = await svc.next_task(who, wait)
         if task is None:
             # a federation whose width levels all exceed this agent's budget says what would fit
             unfit = svc.unfit(who.id)
@@ -206,6 +220,7 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     # ---------------------------------------------------------------- models (members or admin)
     def _model_response(fid: str, version: int | None, patch: bool, reshape: bool = False) -> Response:
         v, data, has_reshape = svc.model_bytes(fid, version, patch=patch, reshape=reshape)
+        svc.metrics.served(len(data))
         kind = "reshape" if reshape else "patch" if patch else "model"
         headers = {VERSION_HEADER: str(v), KIND_HEADER: kind, RESHAPE_HEADER: "1" if has_reshape else "0"}
         return Response(data, media_type="application/json" if reshape else _OCTETS, headers=headers)
@@ -289,9 +304,19 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         await run_in_threadpool(svc.check_upload, who, fid, rnd, _client_ip(request))
         body = await _read_capped(request, svc.settings.max_upload_bytes, svc.settings.body_timeout_s)
         accepted, duplicate = await run_in_threadpool(svc.submit_update, who, fid, rnd, body, parsed)
+        svc.metrics.update_received(len(body), duplicate=duplicate)
         return UpdateReceipt(federation_id=fid, round=rnd, accepted=accepted, duplicate=duplicate)
 
     app.include_router(api)
+
+    @app.get("/metrics", include_in_schema=False, response_class=Response)
+    def metrics(token: Annotated[str | None, Depends(_bearer)]) -> Response:
+        """Prometheus exposition. Bearer: the admin token or `metrics_token`. Not public: it
+        tells how many agents are online and how the rounds go, which is the operator's."""
+        scrape = svc.settings.metrics_token
+        if not (svc.auth.is_admin(token) or (token and scrape and same_secret(token, scrape.get_secret_value()))):
+            raise Unauthorized("/metrics needs the admin token or the metrics token")
+        return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> HTMLResponse:

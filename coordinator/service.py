@@ -45,6 +45,7 @@ from coordinator.evaluation import Evaluator
 from coordinator.exports import ExportCache
 from coordinator.isolation import Backoff
 from coordinator.levels import PlannedLevel, assign_level, plan_levels, task_levels
+from coordinator.metrics import Metrics
 from coordinator.protocol import FederationCreate, FederationStatus, Task, TaskDecline, UpdateReport
 from coordinator.round_metrics import round_metrics
 from coordinator.settings import CoordinatorSettings
@@ -108,6 +109,7 @@ class CoordinatorService:
         self._served: dict[tuple[str, int], int] = {}
         self._served_lock = threading.Lock()
         self.blob_cache = BlobCache(max_bytes=256 << 20)
+        self.metrics = Metrics()  # this coordinator's Prometheus registry (GET /metrics)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -571,6 +573,7 @@ class CoordinatorService:
             self.store.put_round(conn, row)
         live.members.update(selected)
         live.round_started = now if attempt == 1 else live.round_started
+        self.metrics.round_opened()
         log.info("federation %s: round %d opened (attempt %d) with %d agents", fed.id, row.round, attempt, len(selected))
         self._publish(fed, live, row)
 
@@ -612,14 +615,17 @@ class CoordinatorService:
             return self.store.needs_by_agent(conn)
 
     def _close_round(self, fed: FederationRow, live: _Live, row: RoundRow, updates: RoundUpdates, now: float) -> None:
+        closing = time.perf_counter()
         cfg = live.config
         with self.store.tx() as conn:
             ups = self.store.list_updates(conn, fed.id, row.round, row.attempt)
+        aggregating = time.perf_counter()
         mean, aux, squares = updates.reduce(live.strategy.fill)
         ctx = dataclasses.replace(self._context(cfg, row.round, len(ups)), mean_sq_delta=squares, aux=aux)
         strategy_state = {k: v for k, v in live.state.items() if not k.startswith(RESIDUAL_PREFIX)}
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected just below
             result = live.strategy.aggregate(ctx, live.weights, mean, strategy_state)
+        self.metrics.aggregated(time.perf_counter() - aggregating)
         bad = [k for k, v in result.weights.items() if not np.isfinite(v).all()]
         if bad:
             raise FederationFailed(f"round {row.round}: the aggregate is not finite in {', '.join(bad[:3])}")
@@ -657,6 +663,7 @@ class CoordinatorService:
                                          status="completed" if done else fed.status)
         live.version, live.weights, live.state, live.updates = version, cast.weights, state, None
         live.round_started = time.time()
+        self.metrics.round_closed(time.perf_counter() - closing)
         log.info("federation %s: round %d closed: accuracy %.4f, %d participants",
                  fed.id, row.round, evaluation.accuracy, len(ups))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,8 +19,9 @@ class CoordinatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path("fedslim-data")
-    # SQLAlchemy URL; default is a SQLite file (WAL) under data_dir. PostgreSQL works too:
-    # postgresql+psycopg://user:pass@host/db
+    # SQLAlchemy URL; default is a SQLite file (WAL) under data_dir. PostgreSQL (psycopg 3):
+    # postgresql://user:pass@host/db (read as postgresql+psycopg). The schema is migrated
+    # to the current revision at start (coordinator/migrations).
     database_url: str | None = None
     admin_token: SecretStr = SecretStr("dev-admin-token")
     enrollment_token: SecretStr = SecretStr("dev-enroll-token")
@@ -46,12 +48,19 @@ class CoordinatorSettings(BaseSettings):
     body_timeout_s: float = 120.0  # an upload body must arrive within this
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    # ---- operations (issue 15): logs and Prometheus metrics
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with request ids
+    log_requests: bool = True  # one fedslim.access line per request
+    # GET /metrics answers the admin token or this one: a scraper given it can read counters
+    # and nothing else (the admin token would let it create and stop federations)
+    metrics_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _refuse_placeholder_tokens(self) -> CoordinatorSettings:
         if not self.dev_mode:
-            for name in ("admin_token", "enrollment_token"):
-                if getattr(self, name).get_secret_value() in PLACEHOLDER_TOKENS:
+            for name in ("admin_token", "enrollment_token", "metrics_token"):
+                token = getattr(self, name)
+                if token is not None and token.get_secret_value() in PLACEHOLDER_TOKENS:
                     raise ValueError(
                         f"{name} is a placeholder; set FEDSLIM_{name.upper()} to a secret "
                         "(or FEDSLIM_DEV_MODE=1 for local experiments)"

@@ -1,6 +1,7 @@
 """Durable coordinator state: SQLAlchemy Core tables (SQLite file by default, WAL; the
-same schema runs on PostgreSQL) plus a content-addressed blob directory for model and
-update bytes.
+same schema on PostgreSQL through psycopg 3) plus a content-addressed blob directory for
+model and update bytes. The schema is versioned by Alembic (coordinator/migrations): a
+Store brings its database to the head revision when it opens it.
 
 Blobs are written (fsync + rename) *before* the transaction that references them, so a
 crash leaves at worst an unreferenced blob, never a row pointing at nothing.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Connection,
     Float,
@@ -33,13 +35,18 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    inspect,
     select,
-    text,
 )
+from sqlalchemy.engine import make_url
 
-__all__ = ["AgentRow", "BlobCache", "BlobStore", "FederationRow", "RoundRow", "Store", "UpdateRow"]
+from coordinator.migrations import upgrade
 
+__all__ = ["AgentRow", "BlobCache", "BlobStore", "FederationRow", "RoundRow", "Store", "UpdateRow", "engine_url"]
+
+# The tables as the head migration leaves them; a change here needs a revision in
+# coordinator/migrations/versions (tests/coordinator/test_migrations.py compares the two).
+# Byte counts and budgets are BIGINT: PostgreSQL's INTEGER is 32-bit (a 2**40 budget, or
+# 2 GiB of downloads in one round, would not fit), SQLite's is 64-bit either way.
 metadata = MetaData()
 
 federations = Table(
@@ -61,7 +68,7 @@ agents = Table(
     Column("last_seen", Float, nullable=False),
     Column("info", Text, nullable=False),
     Column("revoked_at", Float),  # set: the token no longer authenticates
-    Column("memory_budget_bytes", Integer),  # as last stated (enrollment or a task poll)
+    Column("memory_budget_bytes", BigInteger),  # as last stated (enrollment or a task poll)
 )
 rounds = Table(
     "rounds", metadata,
@@ -84,7 +91,7 @@ updates = Table(
     Column("attempt", Integer, nullable=False),
     Column("received_at", Float, nullable=False),
     Column("num_samples", Integer, nullable=False),
-    Column("bytes", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
     Column("blob", String(64), nullable=False),
     Column("report", Text, nullable=False),
 )
@@ -94,7 +101,7 @@ declines = Table(  # agents that answered a task with "my budget fits nothing"
     Column("round", Integer, primary_key=True),
     Column("agent_id", String(64), primary_key=True),
     Column("attempt", Integer, nullable=False),
-    Column("needed_bytes", Integer),
+    Column("needed_bytes", BigInteger),
     Column("reason", Text, nullable=False),
     Column("declined_at", Float, nullable=False),
 )
@@ -112,7 +119,7 @@ downloads = Table(  # bytes served per (federation, round) for the metrics
     "downloads", metadata,
     Column("federation_id", String(64), primary_key=True),
     Column("round", Integer, primary_key=True),
-    Column("bytes", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
 )
 
 
@@ -222,17 +229,28 @@ class BlobCache:
         return data
 
 
+def engine_url(url: str) -> str:
+    """`url` with PostgreSQL pointed at psycopg 3, the driver we ship: SQLAlchemy reads a
+    bare postgresql:// (or the postgres:// many hosts hand out) as psycopg2."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
 
 class Store:
     def __init__(self, url: str, blob_dir: Path) -> None:
+        url = engine_url(url)
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # as many pooled connections as request threads: no connect/discard churn under load
-        self.engine = create_engine(url, future=True, pool_size=16, max_overflow=48)
-        if url.startswith("sqlite"):
+        sqlite = url.startswith("sqlite")
+        # as many pooled connections as request threads: no connect/discard churn under load;
+        # a server database is pinged on checkout, so a restarted PostgreSQL costs one retry,
+        # not a 503 per stale pooled connection
+        self.engine = create_engine(url, pool_size=16, max_overflow=48, pool_pre_ping=not sqlite)
+        if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        upgrade(self.engine)
         self.blobs = BlobStore(blob_dir)
 
     @contextmanager
@@ -280,6 +298,12 @@ class Store:
 
     def count_agents(self, conn: Connection) -> int:
         return int(conn.execute(select(func.count()).select_from(agents)).scalar() or 0)
+
+    def count_online(self, conn: Connection, since: float) -> int:
+        """Agents not revoked and seen at or after `since` (as of the last flush of last_seen)."""
+        q = select(func.count()).select_from(agents).where(
+            (agents.c.last_seen >= since) & agents.c.revoked_at.is_(None))
+        return int(conn.execute(q).scalar() or 0)
 
     def get_agent(self, conn: Connection, agent_id: str) -> AgentRow | None:
         r = conn.execute(select(agents).where(agents.c.id == agent_id)).mappings().first()
@@ -378,19 +402,6 @@ class Store:
     def download_bytes(self, conn: Connection, fid: str, rnd: int) -> int:
         key = (downloads.c.federation_id == fid) & (downloads.c.round == rnd)
         return int(conn.execute(select(downloads.c.bytes).where(key)).scalar() or 0)
-
-
-def _add_missing_columns(engine: Any) -> None:
-    """Columns added after a table was first created (a coordinator upgraded in place):
-    ALTER TABLE ADD COLUMN for each nullable column the database lacks."""
-    names = inspect(engine)
-    for table in metadata.sorted_tables:
-        have = {c["name"] for c in names.get_columns(table.name)}
-        for col in table.columns:
-            if col.name not in have and col.nullable:
-                with engine.begin() as conn:
-                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
-                                      f"{col.type.compile(engine.dialect)}"))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

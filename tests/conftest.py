@@ -16,8 +16,9 @@ import pytest
 
 _CHILD = "FEDSLIM_ISOLATED_CHILD"
 
-# in-process federation fixtures (coordinator, make_agent, start_federation)
-pytest_plugins = ["tests.federation_fixtures"]
+# in-process federation fixtures (coordinator, make_agent, start_federation); a throwaway
+# PostgreSQL server and the both_databases marker (database_url)
+pytest_plugins = ["tests.federation_fixtures", "tests.pg"]
 
 
 def _run_isolated(item: pytest.Item) -> None:

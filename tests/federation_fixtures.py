@@ -44,8 +44,10 @@ def small_federation(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[TestClient]:
-    settings = CoordinatorSettings(data_dir=tmp_path / "coord", dev_mode=True, tick_s=0.05, long_poll_s=2)
+def coordinator(tmp_path: Path, database_url: str | None) -> Iterator[TestClient]:
+    # database_url (tests/pg.py): SQLite unless the test is marked both_databases
+    settings = CoordinatorSettings(data_dir=tmp_path / "coord", database_url=database_url, dev_mode=True,
+                                   tick_s=0.05, long_poll_s=2)
     with TestClient(create_app(settings)) as client:
         yield client
 

@@ -6,7 +6,8 @@ The oracle here is plain numpy over the deltas this test built (float64), not th
 service's accumulator. Mutations these kill: folding an update twice (the audit's bug:
 first upload doubled), folding a rejected update, refolding after a restart twice or not
 at all, using the claimed num_samples above the cap, not clipping, clipping aux
-statistics, a copied update counted for a second agent.
+statistics, a copied update counted for a second agent. Each runs on SQLite and on a real
+PostgreSQL server (tests/pg.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests.federation_fixtures import small_federation
 from tests.helpers import ADMIN, Cluster
 
 Weights = dict[str, np.ndarray]
+pytestmark = pytest.mark.both_databases
 
 
 def _enroll(http: Any, n: int, token: str = "dev-enroll-token") -> list[dict[str, str]]:
@@ -210,10 +212,13 @@ def test_median_rule_ignores_one_hostile_agent(coordinator: TestClient) -> None:
         np.testing.assert_allclose(new[k] - base[k], np.full_like(base[k], 2e-3), rtol=1e-3, atol=1e-6)
 
 
-def test_oracle_holds_across_a_sigkill_mid_round(tmp_path: Path) -> None:
+def test_oracle_holds_across_a_sigkill_mid_round(tmp_path: Path, database_url: str | None) -> None:
     """Two of three updates accepted, the coordinator SIGKILLed and restarted on the same
-    files, the third uploaded: the model is the mean of all three, each counted once."""
+    files (and database), the third uploaded: the model is the mean of all three, each
+    counted once."""
     cluster = Cluster(tmp_path)
+    if database_url is not None:
+        cluster.env["FEDSLIM_DATABASE_URL"] = database_url
     admin = {"Authorization": f"Bearer {cluster.env['FEDSLIM_ADMIN_TOKEN']}"}
     http = httpx.Client(base_url=cluster.url, timeout=30)
     try:
@@ -249,12 +254,13 @@ def test_oracle_holds_across_a_sigkill_mid_round(tmp_path: Path) -> None:
         cluster.stop()
 
 
-def test_restart_refold_counts_each_stored_update_once(tmp_path: Path) -> None:
+def test_restart_refold_counts_each_stored_update_once(tmp_path: Path, database_url: str | None) -> None:
     """In-process twin of the SIGKILL test: a fresh service on the same files refolds."""
     from coordinator.app import create_app
     from coordinator.settings import CoordinatorSettings
 
-    settings = CoordinatorSettings(data_dir=tmp_path / "coord", dev_mode=True, tick_s=0.05, long_poll_s=2)
+    settings = CoordinatorSettings(data_dir=tmp_path / "coord", database_url=database_url, dev_mode=True,
+                                   tick_s=0.05, long_poll_s=2)
     with TestClient(create_app(settings)) as c:
         agents = _enroll(c, 3)
         fid = c.post("/v1/federations", json=small_federation(rounds=1, clients_per_round=3, min_clients=3),

@@ -1,4 +1,7 @@
-"""The REST API in-process: auth, validation, idempotency, late uploads, pause/resume."""
+"""The REST API in-process: auth, validation, idempotency, late uploads, pause/resume.
+
+The upload and lifecycle tests (`both_databases`) run on SQLite and on a real PostgreSQL
+server (tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ def _task_and_weights(agent: EdgeAgent) -> tuple:
     return task, agent.sync_model(task.federation_id, task.model_version)
 
 
+@pytest.mark.both_databases
 def test_reupload_is_idempotent_and_counted_once(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
                                                  start_federation: Callable[..., str]) -> None:
     a0, a1 = make_agent(0), make_agent(1)
@@ -93,6 +97,7 @@ def test_reupload_is_idempotent_and_counted_once(coordinator: TestClient, make_a
     assert metrics["bytes_up"] == len(result.body) + a1.client.bytes_up  # the retry counted once
 
 
+@pytest.mark.both_databases
 def test_late_upload_after_close_is_409_and_changes_nothing(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
                                                             start_federation: Callable[..., str]) -> None:
     a0, a1 = make_agent(0), make_agent(1)
@@ -116,6 +121,7 @@ def _put(coordinator: TestClient, agent: EdgeAgent, fid: str, rnd: int, body: by
                            headers={"Authorization": f"Bearer {agent.client.token}", REPORT_HEADER: report}).status_code
 
 
+@pytest.mark.both_databases
 @pytest.mark.parametrize(
     ("case", "status"),
     [
@@ -165,6 +171,7 @@ def test_oversized_upload_is_413(coordinator: TestClient, make_agent: Callable[[
     assert _put(coordinator, a0, fid, 1, b"\x00" * 5000) == 413
 
 
+@pytest.mark.both_databases
 def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
                                                      start_federation: Callable[..., str]) -> None:
     agents = [make_agent(0), make_agent(1)]
@@ -194,6 +201,7 @@ def test_pause_stops_new_rounds_and_resume_continues(coordinator: TestClient, ma
     assert [m["round"] for m in coordinator.get(f"/v1/federations/{fid}/rounds", headers=ADMIN).json()] == [1, 2, 3]
 
 
+@pytest.mark.both_databases
 def test_sparse_patches_reproduce_the_server_model_exactly(coordinator: TestClient, make_agent: Callable[[int], EdgeAgent],
                                                            start_federation: Callable[..., str],
         run_federation: Callable[..., list]) -> None:
