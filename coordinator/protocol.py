@@ -62,6 +62,11 @@ class TrainingConfig(_Strict):
     lr: float = Field(0.05, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
+    # A memory budget may force a batch below batch_size; the learning rate then shrinks in
+    # proportion (the linear scaling rule, Goyal et al. 2017), so a small device takes more,
+    # smaller steps instead of diverging (bench.budgets: batch 8 at lr 0.05 / momentum 0.9
+    # blew up round 1 of the yardstick and cost 30 points of accuracy)
+    scale_lr_with_batch: bool = True
     # Fraction of coordinates each agent uploads (top-k with error feedback); 1.0 = dense.
     upload_density: float = Field(1.0, gt=0, le=1)
     upload_values: ValueEncoding = "fp32"

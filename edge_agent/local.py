@@ -37,7 +37,7 @@ from strategies.base import RoundContext
 from strategies.registry import agent_half, hooks_for
 
 __all__ = ["RECHECK_STEPS", "BudgetExceeded", "LocalResult", "Planner", "default_threads", "initial_weights",
-           "run_task", "warm_up"]
+           "run_task", "scaled_lr", "warm_up"]
 
 log = logging.getLogger("fedslim.agent")
 
@@ -92,7 +92,8 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         batch = plan.batch_size if plan is not None else cfg.batch_size
         planned = plan.estimate.total if plan is not None else 0
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        lr = scaled_lr(cfg.lr, batch, cfg.batch_size) if cfg.scale_lr_with_batch else cfg.lr
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         if hooks.train:
             warm_up(model, data)
         start = time.perf_counter()
@@ -144,6 +145,12 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         baseline_memory_bytes=meter.baseline_bytes, batch_size=batch, level=level,
     )
     return LocalResult(body, report, delta, replans)
+
+
+def scaled_lr(lr: float, batch: int, configured_batch: int) -> float:
+    """The learning rate for a batch the budget shrank below the configured one (linear
+    scaling rule); never above the configured rate."""
+    return lr * min(1.0, batch / configured_batch)
 
 
 def _rechecked(after_step: Callable[[], None] | None, meter: PeakMemoryMeter, budget: int, *,
