@@ -77,7 +77,7 @@ def test_each_request_logs_one_json_line_with_its_request_id(tmp_path: Path, jso
         [line] = [r for r in access if r["request_id"] == rid]  # exactly one line per request
         assert (line["route"], line["status"], line["method"]) == (route, status, "GET") and line["ms"] >= 0
     assert len({r["request_id"] for r in access}) == len(access)  # every request its own id
-    opened = [r for r in records if r["logger"] == "fedslim.coordinator" and "round 1 opened" in r["msg"]]
+    opened = [r for r in records if r["logger"] == "fedslim.coordinator" and "round 1 opened (attempt 1)" in r["msg"]]
     assert len(opened) == 1 and "request_id" not in opened[0]  # the scheduler's, outside any request
     [decline_line] = [r for r in records if r["logger"] == "fedslim.coordinator" and "declined" in r["msg"]]
     assert decline_line["request_id"] == declined.headers["x-request-id"]
