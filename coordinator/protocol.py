@@ -286,6 +286,8 @@ class UpdateReport(_Strict):
     baseline_memory_bytes: int = Field(0, ge=0, le=2**50)
     batch_size: int = Field(0, ge=0, le=10**6)
     level: int | None = Field(None, ge=0, lt=MAX_LEVELS, description="the width level trained (task.levels)")
+    peak_rss_bytes: int = Field(0, ge=0, le=2**50, description="the agent process's peak resident set while training")
+    memory_limit_bytes: int | None = Field(None, gt=0, le=2**50, description="the process memory limit it trained under")
 
 
 class TaskDecline(_Strict):

@@ -48,6 +48,8 @@ def round_metrics(*, rnd: int, attempt: int, selected: int, updates: Sequence[Up
         "agents": [{"agent": u.agent_id, "budget_bytes": u.report.get("budget_bytes"),
                     "planned_bytes": u.report.get("planned_memory_bytes"),
                     "peak_bytes": u.report.get("peak_memory_bytes"), "batch_size": u.report.get("batch_size"),
-                    "level": u.report.get("level"), "num_samples": u.num_samples} for u in updates],
+                    "level": u.report.get("level"), "peak_rss_bytes": u.report.get("peak_rss_bytes"),
+                    "memory_limit_bytes": u.report.get("memory_limit_bytes"), "num_samples": u.num_samples}
+                   for u in updates],
         **strategy_metrics,
     }

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.protocol import Task
+from edge_agent.budget import rss_bytes
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
 from edge_agent.levels import SliceSource, local_slices, train_level
 from edge_agent.local import BudgetExceeded, initial_weights, run_task
@@ -84,7 +85,10 @@ class EdgeAgent:
     client: CoordinatorClient
     data: ImageDataset
     state: AgentState
-    memory_budget_bytes: int | None = None
+    memory_budget_bytes: int | None = None  # the training working set (bytes)
+    # the whole process's resident set (bytes): what the device can give this agent; the
+    # working-set budget is then what is left of it above the idle process, now
+    memory_limit_bytes: int | None = None
     seed: int = 0
     progress: bool = False
     _model: tuple[str, int, Weights] | None = field(default=None, init=False)  # (federation, version, weights)
@@ -155,7 +159,7 @@ class EdgeAgent:
         if time.time() > task.deadline:
             log.warning("round %d: deadline already passed, skipping", task.round)
             return
-        kw: dict[str, Any] = {"memory_budget_bytes": self.memory_budget_bytes, "seed": self.seed,
+        kw: dict[str, Any] = {"memory_budget_bytes": self.working_budget(), "seed": self.seed,
                               "progress": self.progress}
         if task.levels:  # a width level: only the slice is downloaded
             shapes = {k: tuple(v) for k, v in task.model_shapes.items()}
@@ -165,11 +169,22 @@ class EdgeAgent:
             weights = self.sync_model(task.federation_id, task.model_version, task)
             feedback = self._feedback(task.federation_id, {k: v.shape for k, v in weights.items()})
             result = run_task(task, weights, self.data, feedback, **kw)
-        receipt = self.client.upload_update(task.federation_id, task.round, result.body, result.report)
+        report = result.report.model_copy(update={"memory_limit_bytes": self.memory_limit_bytes})
+        receipt = self.client.upload_update(task.federation_id, task.round, result.body, report)
         self.state.save_arrays("residual", {"federation": task.federation_id}, feedback.state_dict())
         log.info("round %d: uploaded %d bytes (loss %.4f, %d samples, peak %.1f MB)%s", task.round,
                  len(result.body), result.report.train_loss, result.report.num_samples,
                  result.report.peak_memory_bytes / 2**20, " (duplicate)" if receipt.duplicate else "")
+
+    def working_budget(self) -> int | None:
+        """The training working-set budget: the explicit one, and with a process memory
+        limit at most the limit minus the resident set now (at least 1 byte: a limit the
+        idle process already fills fits nothing, and the plan says what would)."""
+        budget = self.memory_budget_bytes
+        if self.memory_limit_bytes is not None:
+            headroom = max(1, self.memory_limit_bytes - rss_bytes())
+            budget = headroom if budget is None else min(budget, headroom)
+        return budget
 
     def _skip(self, task: Task) -> None:
         """Wait out a refused task's round, so the next poll does not hand it back."""
@@ -181,7 +196,7 @@ class EdgeAgent:
         done, idle_since = 0, time.monotonic()
         while max_tasks is None or done < max_tasks:
             try:
-                task = self.client.poll_task(poll_s, memory_budget_bytes=self.memory_budget_bytes)
+                task = self.client.poll_task(poll_s, memory_budget_bytes=self.working_budget())
             except CoordinatorUnavailable as exc:
                 log.warning("coordinator unreachable (%s); retrying", exc)
                 task = None

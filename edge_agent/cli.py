@@ -62,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     agent = EdgeAgent(
         client=_client(args.url or identity["url"], identity["agent_token"]), data=data, state=state,
         memory_budget_bytes=parse_size(args.memory_budget) if args.memory_budget else None,
+        memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else None,
         seed=args.seed * 1000 + args.client_index, progress=args.progress,
     )
     logging.getLogger("fedslim.agent").info("%d local samples", len(data))
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     run.add_argument("--poll", type=float, default=20.0, help="long-poll seconds")
     run.add_argument("--progress", action="store_true")
+    run.add_argument("--memory-limit", default=None,
+                     help="the agent process's memory (peak RSS), e.g. 512MB: training gets what the idle process leaves "
+                          "of it (with --memory-budget too, the smaller)")
     sub.add_parser("export", help="export a checkpoint to ONNX (see `fedslim-agent export --help`)")
     sub.add_parser("infer", help="classify inputs with an ONNX model (torch-free)")
     args = parser.parse_args(argv)

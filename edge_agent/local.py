@@ -143,6 +143,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         train_accuracy=stats.accuracy, train_seconds=time.perf_counter() - start,
         peak_memory_bytes=meter.peak_rise_bytes, planned_memory_bytes=planned,
         baseline_memory_bytes=meter.baseline_bytes, batch_size=batch, level=level,
+        peak_rss_bytes=meter.baseline_bytes + meter.peak_rise_bytes,
     )
     return LocalResult(body, report, delta, replans)
 

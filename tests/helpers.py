@@ -89,11 +89,13 @@ class Cluster:
                 "--threads", "1", "--poll", "2", "--idle-exit", str(idle_exit_s)]
 
     def start_agent(self, i: int, n: int, *, command: Sequence[str] | None = None, cwd: Path | None = None,
-                    env: dict[str, str] | None = None, idle_exit_s: float = 60) -> subprocess.Popen:
+                    env: dict[str, str] | None = None, idle_exit_s: float = 60,
+                    extra: Sequence[str] = ()) -> subprocess.Popen:
         """Start agent i of n: `python -m edge_agent.cli` from this checkout, or `command`
-        (which receives the agent's arguments) in `cwd` with `env`."""
+        (which receives the agent's arguments, then `extra`) in `cwd` with `env`."""
         log = open(self.root / f"agent-{i}.log", "a")  # noqa: SIM115
-        cmd = [*(command or [sys.executable, "-m", "edge_agent.cli"]), *self.agent_args(i, n, idle_exit_s=idle_exit_s)]
+        cmd = [*(command or [sys.executable, "-m", "edge_agent.cli"]), *self.agent_args(i, n, idle_exit_s=idle_exit_s),
+               *extra]
         proc = subprocess.Popen(cmd, env=env or self.env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.agents.append(proc)

@@ -25,7 +25,7 @@ live working set that the estimate counts. The agent calls it once at start-up; 
 estimate (and the budget guarantee) assume it.
 """
 
-from edge_agent.budget.meter import PeakMemoryMeter, configure_allocator, trim_heap
+from edge_agent.budget.meter import PeakMemoryMeter, configure_allocator, rss_bytes, trim_heap
 from edge_agent.budget.plan import TrainingPlan, plan_training, plan_within, shrunk_batch, with_hooks
 from edge_agent.budget.sizes import MIB, BudgetExceeded, MemoryEstimate, format_size, parse_size
 from models.memory import OPTIMIZER_STATE_SLOTS, OptimizerName, estimate_training_memory, freeze_units
@@ -45,6 +45,7 @@ __all__ = [
     "parse_size",
     "plan_training",
     "plan_within",
+    "rss_bytes",
     "shrunk_batch",
     "trim_heap",
     "with_hooks",

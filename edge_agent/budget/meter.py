@@ -27,6 +27,16 @@ def _read_status_kb(field: str) -> int | None:
     return None
 
 
+def rss_bytes() -> int:
+    """This process's resident set now, in bytes."""
+    rss = _read_status_kb("VmRSS")
+    if rss is not None:
+        return rss
+    import psutil  # lazy: only where /proc is missing
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
