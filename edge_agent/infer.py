@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["InferError", "classify", "load_inputs", "main", "read_pnm"]
+from edge_agent.units import parse_size
+
+__all__ = ["InferError", "choose_model", "classify", "inference_peak", "load_inputs", "main", "read_pnm"]
 
 # Fashion-MNIST training-split statistics (models.transforms.DATASET_STATS).
 DEFAULT_MEAN, DEFAULT_STD = "0.2860", "0.3530"
@@ -170,10 +172,63 @@ def _floats(text: str, channels: int, what: str) -> np.ndarray:
     return values
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def inference_peak(path: str, threads: int | None, batch: int = 1) -> int | None:
+    """Measured peak rise of this process's resident set while `path` is loaded and runs
+    one batch (Linux's VmHWM, reset first); None where the kernel cannot tell."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+    except OSError:
+        return None
+    base = _status_bytes("VmRSS")
+    session = _session(path, threads)
+    c, h, w = _input_shape(session)
+    classify(session, np.zeros((batch, c, h, w), dtype=np.float32))
+    peak = _status_bytes("VmHWM")
+    del session
+    return None if base is None or peak is None else max(0, peak - base)
+
+
+def choose_model(paths: list[str], limit: int | None, threads: int | None) -> str:
+    """The first of `paths` (widest level first) whose measured inference peak fits
+    `limit` bytes; InferError naming what each needs when none does."""
+    if limit is None:
+        return paths[0]
+    measured = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise InferError(f"{path}: no such model file")
+        try:
+            peak = inference_peak(path, threads)
+        except Exception as exc:  # ORT's pybind errors share no base
+            raise InferError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+        if peak is None:
+            raise InferError("--memory-limit needs Linux's /proc to measure a model's peak")
+        if peak <= limit:
+            print(f"fedslim-agent infer: {path} needs {peak / 2**20:.1f} MiB, within the limit", file=sys.stderr)
+            return path
+        measured.append(f"{path}: {peak / 2**20:.1f} MiB")
+    raise InferError(f"no model fits the memory limit of {limit / 2**20:.1f} MiB ({'; '.join(measured)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedslim-agent infer",
                                 description="Classify images or .npy batches with an ONNX model (no torch).")
-    p.add_argument("--model", required=True, help="ONNX model file")
+    p.add_argument("--model", required=True, action="append",
+                   help="ONNX model file; repeat it for the width levels of a federation, widest first, with --memory-limit")
+    p.add_argument("--memory-limit", default=None,
+                   help="use the first --model whose measured inference peak (RSS rise, batch 1) fits, e.g. 16MB")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".npy batch, PGM/PPM image (PNG with Pillow)")
     p.add_argument("--mean", default=DEFAULT_MEAN, help="per-channel mean for uint8 inputs (default Fashion-MNIST)")
     p.add_argument("--std", default=DEFAULT_STD, help="per-channel std for uint8 inputs (default Fashion-MNIST)")
@@ -186,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        limit = parse_size(args.memory_limit) if args.memory_limit else None
+        if limit is None and len(args.model) > 1:
+            raise InferError("several --model files need --memory-limit to choose between them")
+        args.model = choose_model(args.model, limit, args.threads)
         if not Path(args.model).is_file():
             raise InferError(f"{args.model}: no such model file")
         try:

@@ -147,3 +147,20 @@ class _FakeReport:
 )
 def test_warning_when_macs_cut_brings_no_latency_gain(speedup, macs_reduction, warned):
     assert bool(_warnings(_FakeReport(speedup, macs_reduction))) is warned  # type: ignore[arg-type]
+
+
+def test_infer_picks_the_first_model_whose_measured_peak_fits_the_limit(exported):
+    """Width levels on a device: widest first, the first that fits the memory limit runs;
+    none fitting is one clear error naming each model's measured need."""
+    tmp, _, _ = exported
+    np.save(tmp / "b.npy", np.zeros((2, 1, 28, 28), np.float32))
+    models = ["--model", str(tmp / "model.onnx"), "--model", str(tmp / "model.onnx")]
+
+    roomy = _infer([*models, "--memory-limit", "1GB", "--json", str(tmp / "b.npy")])
+    tiny = _infer([*models, "--memory-limit", "1", str(tmp / "b.npy")])
+    ambiguous = _infer([*models, str(tmp / "b.npy")])
+
+    assert roomy.returncode == 0, roomy.stderr
+    assert "within the limit" in roomy.stderr and len(json.loads(roomy.stdout)) == 2
+    assert tiny.returncode == 1 and "no model fits the memory limit" in tiny.stderr and "MiB" in tiny.stderr
+    assert ambiguous.returncode == 1 and "--memory-limit" in ambiguous.stderr
