@@ -95,3 +95,26 @@ def test_a_federation_of_budgeted_agents_trains_each_at_its_level(coordinator: A
     slice_bytes = len(coordinator.get(f"/v1/federations/{fid}/models/2/levels/2?round=3", headers=ADMIN).content)
     assert slice_bytes < model_bytes / 2
     assert agents[1].client.bytes_down < 2 * model_bytes
+
+
+def test_levels_follow_the_global_model_as_structured_pruning_shrinks_it(coordinator: Any, tmp_path: Path,
+                                                                         one_thread: None) -> None:
+    cfg = small_federation(rounds=3, clients_per_round=2, min_clients=2, levels=LEVELS,
+                           strategy={"name": "structured", "params": {"target_macs": 0.8, "start_round": 1,
+                                                                      "prune_steps": 1}})
+    levels = plan_levels(FederationCreate.model_validate(cfg), seeded_weights("lenet5", 0, in_channels=1,
+                                                                              num_classes=10), 1)
+    data = make_synthetic(400, seed=0)
+    agents = []
+    for i, b in enumerate([None, levels[1].need_bytes]):
+        client = CoordinatorClient(coordinator, max_tries=2, backoff_s=0.01)
+        client.enroll(ENROLL, name=f"sp-{i}", memory_budget_bytes=b)
+        agents.append(EdgeAgent(client, data.subset(np.arange(i * 200, (i + 1) * 200)),
+                                AgentState(tmp_path / f"sp-{i}"), memory_budget_bytes=b))
+    fid = coordinator.post("/v1/federations", json=cfg, headers=ADMIN).json()["id"]
+    coordinator.post(f"/v1/federations/{fid}/start", headers=ADMIN)
+    rows = run_to_completion(coordinator, fid, agents, max_tasks=3)
+    full = [r["levels"][0]["macs"] for r in rows]
+    assert full[0] < levels[0].level.macs and full[1] == full[2]  # round 1 closed with the prune
+    assert all(r["levels"][0]["macs"] > r["levels"][1]["macs"] for r in rows)  # the levels are slices of it
+    assert {a["level"] for r in rows[1:] for a in r["agents"]} == {0, 1}  # both kept training after the prune
