@@ -242,6 +242,36 @@ def run_fresh(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# The agent process before it trains: what a device's memory must hold besides the working
+# set. Each stage in one fresh interpreter, VmRSS after it (Linux).
+_BASELINE = """
+import json, sys
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+out = {"interpreter": rss()}
+import edge_agent.agent, edge_agent.local, edge_agent.levels  # the training path
+out["training_imports"] = rss()
+out["heavy_modules_loaded"] = sorted({m.split(".")[0] for m in sys.modules} & {"onnx", "onnxscript", "onnxruntime",
+                                       "torch_pruning", "matplotlib", "fastapi", "sqlalchemy"})
+from models import load_dataset, partition
+data = load_dataset("fashion_mnist", None, "train", seed=0)
+data = data.subset(partition(data.labels, 10, "dirichlet:0.5", seed=0)[0])
+import gc; gc.collect()
+from edge_agent.budget import trim_heap; trim_heap()
+out["device_partition_loaded"] = rss()
+out["samples"] = len(data)
+print(json.dumps(out))
+"""
+
+
+def baseline() -> dict[str, Any]:
+    """RSS of an agent process at each stage before training (a fresh interpreter)."""
+    proc = subprocess.run([sys.executable, "-c", _BASELINE], cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 def configs(quick: bool, strategies: Sequence[str] = STRATEGIES,
             budgets: Sequence[str] = STRATEGY_BUDGETS) -> list[dict[str, Any]]:
     estimates = [e for e in ESTIMATES if e[1] == 64 and e[0].startswith("fedavg_cnn")] if quick else ESTIMATES
@@ -331,6 +361,12 @@ def summary(result: dict[str, Any]) -> str:
     if strat_rows:
         parts.append(markdown(("strategy", "budget MB", "planned MB", "measured MB", "measured / budget",
                                "batch", "re-plans", f"≤ {TARGET_BUDGET_RATIO}"), strat_rows))
+    base = result.get("baseline") or {}
+    if "training_imports" in base:
+        parts.append(markdown(("agent process", "RSS MB"), [
+            ("interpreter", mb(base["interpreter"])), ("+ training-path imports", mb(base["training_imports"])),
+            (f"+ its own partition ({base['samples']} images)", mb(base["device_partition_loaded"]))])
+            + f"\nheavy modules on the training path: {', '.join(base['heavy_modules_loaded']) or 'none'}")
     load = result["load_average"]
     parts.append(f"threads={est[0]['threads'] if est else '?'} steps={STEPS} cpu={result['cpu']} "
                  f"load={load['start'][0]:.1f}→{load['end'][0]:.1f}")
@@ -364,6 +400,7 @@ def run(quick: bool, strategies: Sequence[str] = STRATEGIES, budgets: Sequence[s
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "rows": rows,
         "structured_vs_dense": structured_vs_dense(rows),
+        "baseline": baseline(),
     }
 
 
