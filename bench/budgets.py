@@ -18,14 +18,16 @@ Variants (real coordinator and agent processes, `sim.demo`):
     planner     dense FedAvg, every agent planning within its budget (small batches,
                 frozen leading layers, or a decline naming what it needs)
     uniform     everyone trains one width: the widest level the small class fits
-    levels      budget-driven width levels 1, 0.75, 0.5, 0.25 (first-k slices, HeteroFL)
+    levels      budget-driven width levels 1, 0.75 and the uniform width (first-k slices,
+                HeteroFL): each agent trains the widest its budget fits
     levels_importance, levels_rolling
                 the same levels sliced by channel importance (FjORD-style) and by rolling
                 windows (FedRolex)
 
 Targets: every measured training peak <= 1.10 x its budget; levels' full width at least as
-accurate as dense_fit; levels' smallest level at least as accurate as uniform; no agent
-refused that uniform could serve. Writes bench/results/budgets[-quick].json and .png.
+accurate as dense_fit; levels' smallest level in use (the small class's) at least as
+accurate as uniform; no agent refused that uniform could serve. `--reuse` takes a
+variant's finished run from its folder when it ran with the same arguments. Writes bench/results/budgets[-quick].json and .png.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 GRID = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
-LEVELS = "1,0.75,0.5,0.25"
 PEAK_TARGET = 1.10
 VARIANTS = ("dense_fit", "planner", "uniform", "levels", "levels_importance", "levels_rolling")
 
@@ -89,8 +90,25 @@ def demo_args(name: str, args: argparse.Namespace, budgets: list[int | None], wi
     elif name == "uniform":
         argv += ["--levels", str(width)]
     elif name.startswith("levels"):
-        argv += ["--levels", LEVELS, "--level-rule", {"levels": "first"}.get(name, name.removeprefix("levels_"))]
+        argv += ["--levels", level_widths(width), "--level-rule", {"levels": "first"}.get(name, name.removeprefix("levels_"))]
     return argv
+
+
+def level_widths(uniform: float) -> str:
+    """The levels variants' widths: the whole model, 0.75, and what the small class fits."""
+    return ",".join(str(w) for w in sorted({1.0, 0.75, uniform}, reverse=True))
+
+
+def _reused(argv: list[str]) -> dict[str, Any] | None:
+    """A variant's results.json when its run had exactly these demo arguments."""
+    from sim.demo import build_parser
+
+    path = Path(argv[argv.index("--out") + 1]) / "results.json"
+    if not path.exists():
+        return None
+    results: dict[str, Any] = json.loads(path.read_text())
+    want = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "func"}
+    return results if results.get("config") == want and "agents" in results else None
 
 
 def summarise(name: str, results: dict[str, Any], budgets: list[int | None], skipped: list[int]) -> dict[str, Any]:
@@ -141,8 +159,10 @@ def targets(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         a, d = variants["dense_fit"]["levels"][0]["accuracy"], variants["levels"]["levels"][0]["accuracy"]
         out.append({"target": "levels full width >= dense_fit", "value": f"{d:.4f} vs {a:.4f}", "met": d >= a})
     if {"levels", "uniform"} <= set(variants):
-        c, d = variants["uniform"]["levels"][0]["accuracy"], variants["levels"]["levels"][-1]["accuracy"]
-        out.append({"target": "levels smallest >= uniform", "value": f"{d:.4f} vs {c:.4f}", "met": d >= c})
+        in_use = [lv for lv in variants["levels"]["levels"] if lv["agents"]]
+        c, d = variants["uniform"]["levels"][0]["accuracy"], in_use[-1]["accuracy"]
+        out.append({"target": f"levels smallest in use (width {in_use[-1]['width']}) >= uniform",
+                    "value": f"{d:.4f} vs {c:.4f}", "met": d >= c})
         extra = sorted(set(variants["levels"]["refused"]) - set(variants["uniform"]["refused"]))
         out.append({"target": "no agent refused that uniform serves", "value": extra or "none", "met": not extra})
     return out
@@ -209,14 +229,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         argv = demo_args(name, args, budgets, width)
         started = time.time()
         print(f"[{i}/{len(args.variants)}] {name}: python -m sim.demo {' '.join(argv)}", file=sys.stderr)
-        results = run_demo(build_parser().parse_args(argv))
+        results = _reused(argv) if args.reuse else None
+        if results is None:
+            results = run_demo(build_parser().parse_args(argv))
+        else:
+            print("    reused the finished run in its folder", file=sys.stderr)
         skipped = [i for i, b in enumerate(budgets) if name == "dense_fit" and b is not None and b < args.d16]
         variants[name] = summarise(name, results, budgets, skipped)
         print(f"    done in {time.time() - started:.0f} s: widest accuracy {variants[name]['levels'][0]['accuracy']:.4f}",
               file=sys.stderr)
     return {"command": " ".join(["python -m bench.budgets", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cpu_count": os.cpu_count(), "load_average": {"start": load_start, "end": list(os.getloadavg())},
-            "budgets": classes, "agent_budgets": budgets, "uniform_width": width, "levels": LEVELS,
+            "budgets": classes, "agent_budgets": budgets, "uniform_width": width, "levels": level_widths(width),
             "variants": variants, "targets": targets(variants)}
 
 
@@ -236,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-export", action="store_true", help="skip ONNX exports (no latency columns)")
     p.add_argument("--out", default=None, help="run folders (default runs/budgets)")
     p.add_argument("--results", type=Path, default=None, help="result JSON path")
+    p.add_argument("--reuse", action="store_true", help="reuse finished variant runs with the same arguments")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = set(args.variants) - set(VARIANTS)

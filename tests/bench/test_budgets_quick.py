@@ -34,5 +34,5 @@ def test_budgets_bench_contract(tmp_path: Path, capsys: pytest.CaptureFixture[st
     by_agent = {p["agent"]: p for p in levels["peaks"]}
     assert by_agent["agent-0"]["level"] > 0 and by_agent["agent-2"]["level"] == 0
     assert by_agent["agent-0"]["planned_bytes"] <= small
-    assert [lv["width"] for lv in levels["levels"]] == [1.0, 0.75, 0.5, 0.25]
+    assert [lv["width"] for lv in levels["levels"]] == [1.0, 0.75, result["uniform_width"]]
     assert (tmp_path / "budgets.png").stat().st_size > 0
