@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from edge_agent.budget import rss_bytes
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
 from edge_agent.levels import SliceSource, local_slices, train_level
 from edge_agent.local import BudgetExceeded, initial_weights, run_task
+from edge_agent.policy import Policy, decide, read_conditions
 from models import ImageDataset
 from sparse_kernels import MAX_MODEL_BYTES, CodecError, ErrorFeedback, Weights, decode
 from sparse_kernels.npz import escape_key, unescape_key
@@ -91,6 +93,7 @@ class EdgeAgent:
     memory_limit_bytes: int | None = None
     seed: int = 0
     progress: bool = False
+    policy: Policy | None = None  # when the device may train (power, time window, temperature)
     _model: tuple[str, int, Weights] | None = field(default=None, init=False)  # (federation, version, weights)
 
     # ------------------------------------------------------------------ model sync
@@ -186,6 +189,22 @@ class EdgeAgent:
             budget = headroom if budget is None else min(budget, headroom)
         return budget
 
+    def _not_now(self, task: Task) -> bool:
+        """True if the device policy says no: the coordinator is told so (a decline without
+        needed_bytes) and samples another device meanwhile."""
+        if self.policy is None or not self.policy.active:
+            return False
+        decision = decide(self.policy, read_conditions(self.policy.sysfs), datetime.now())
+        if decision.ok:
+            return False
+        log.info("round %d: not now: %s", task.round, decision.reason)
+        try:
+            self.client.decline_task(task.federation_id, task.round, reason=f"not now: {decision.reason}",
+                                     retry_after_s=self.policy.retry_after_s)
+        except (CoordinatorRefused, CoordinatorUnavailable) as exc:
+            log.warning("round %d: could not decline (%s)", task.round, exc)
+        return True
+
     def _skip(self, task: Task) -> None:
         """Wait out a refused task's round, so the next poll does not hand it back."""
         time.sleep(max(0.0, min(task.deadline - time.time(), 30.0)))
@@ -204,6 +223,9 @@ class EdgeAgent:
             if task is None:
                 if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     break
+                continue
+            if self._not_now(task):
+                idle_since = time.monotonic()
                 continue
             try:
                 self.handle(task)
