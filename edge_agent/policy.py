@@ -14,6 +14,7 @@ Torch-free (the agent's CLI imports it before deciding whether to load torch).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -178,11 +179,16 @@ def _cpu_temp(root: Path) -> float | None:
 
 
 # ----------------------------------------------------------------------------- configuration
+_WINDOW = re.compile(r"(\d\d:\d\d)\s*-\s*(\d\d:\d\d)")
+
+
 def parse_window(text: str) -> tuple[clock, clock]:
     """'22:00-06:30' -> (22:00, 06:30); equal ends would mean never, and are refused."""
+    m = _WINDOW.fullmatch(text.strip())
     try:
-        start_s, end_s = text.strip().split("-")
-        start, end = clock.fromisoformat(start_s.strip()), clock.fromisoformat(end_s.strip())
+        if m is None:
+            raise ValueError(text)
+        start, end = clock.fromisoformat(m.group(1)), clock.fromisoformat(m.group(2))
     except ValueError:
         raise PolicyError(f"training window {text!r}: expected HH:MM-HH:MM, e.g. 22:00-06:00") from None
     if start == end:
