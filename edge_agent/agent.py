@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,9 +65,13 @@ class AgentState:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def save_identity(self, agent_id: str, token: str, url: str) -> None:
-        path = self.root / "identity.json"
-        path.write_text(json.dumps({"agent_id": agent_id, "agent_token": token, "url": url}))
-        path.chmod(0o600)
+        path, tmp = self.root / "identity.json", self.root / "identity.json.tmp"
+        # created 0600 (never readable by others, not even for a moment), then renamed into place
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"agent_id": agent_id, "agent_token": token, "url": url}, f)
+        os.chmod(tmp, 0o600)  # O_CREAT's mode applies only to a new file
+        os.replace(tmp, path)
 
     def load_arrays(self, name: str) -> tuple[dict[str, str], Weights] | None:
         path = self.root / f"{name}.npz"

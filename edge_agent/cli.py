@@ -37,13 +37,10 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The device policy from the run flags (the same keys and checks as a config's [policy])."""
+    """The device policy from the run flags (the names a flat agent.toml uses, same checks)."""
     from edge_agent.policy import policy_from_config
 
-    table = {"min_battery_pct": args.min_battery, "mains_only": args.mains_only or None,
-             "window": args.train_window, "max_cpu_temp_c": args.max_cpu_temp, "sysfs": args.sysfs,
-             "retry_after_s": args.not_now_retry}
-    return policy_from_config({"policy": {k: v for k, v in table.items() if v is not None}})
+    return policy_from_config(vars(args))
 
 
 def _run(args: argparse.Namespace) -> int:

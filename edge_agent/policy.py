@@ -197,11 +197,14 @@ def parse_window(text: str) -> tuple[clock, clock]:
 
 
 _KEYS = {"min_battery_pct", "mains_only", "window", "max_cpu_temp_c", "sysfs", "retry_after_s"}
+# the same settings under the names of `fedslim-agent run`'s flags, as a flat agent.toml
+# (whose keys are the run flags' names, `fedslim-agent run --config`) spells them
+_FLAGS = {"min_battery": "min_battery_pct", "mains_only": "mains_only", "train_window": "window",
+          "max_cpu_temp": "max_cpu_temp_c", "sysfs": "sysfs", "not_now_retry": "retry_after_s"}
 
 
 def policy_from_config(config: Mapping[str, Any]) -> Policy:
-    """The `[policy]` table of the agent's TOML config (the whole parsed file, or the table
-    itself), e.g.
+    """The device policy from the agent's parsed TOML config: a `[policy]` table, e.g.
 
         [policy]
         min_battery_pct = 50      # on battery, train at 50 % or more
@@ -210,13 +213,19 @@ def policy_from_config(config: Mapping[str, Any]) -> Policy:
         max_cpu_temp_c = 70
         retry_after_s = 300       # ask the coordinator to wait this long after a "no"
 
-    Unknown keys and out-of-range values raise PolicyError naming them."""
-    table = config.get("policy", config)
-    if not isinstance(table, Mapping):
-        raise PolicyError("[policy] must be a table")
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise PolicyError(f"[policy]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_KEYS))}")
+    or, without one, the flat run-flag keys (`min_battery`, `mains_only`, `train_window`,
+    `max_cpu_temp`, `sysfs`, `not_now_retry`; other keys are other flags and are ignored).
+    Unknown keys in a [policy] table and out-of-range values raise PolicyError naming them."""
+    if "policy" in config:
+        table = config["policy"]
+        if not isinstance(table, Mapping):
+            raise PolicyError("[policy] must be a table")
+        unknown = set(table) - _KEYS
+        if unknown:
+            raise PolicyError(f"[policy]: unknown key(s) {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(_KEYS))}")
+    else:
+        table = {_FLAGS[k]: v for k, v in config.items() if k in _FLAGS and v is not None}
     window = table.get("window")
     if window is not None and not isinstance(window, str):
         raise PolicyError("[policy] window: expected a string like \"22:00-06:00\"")

@@ -131,6 +131,10 @@ def test_policy_from_config() -> None:
     assert policy == Policy(min_battery_pct=40.0, window=parse_window("22:00-06:00"), max_cpu_temp_c=75.0,
                             retry_after_s=120.0)
     assert policy_from_config({}) == Policy() and not Policy().active
+    # a flat agent.toml (keys are the run flags' names; the others are not the policy's)
+    flat = {"url": "http://c:8080", "memory_budget": "256MB", "min_battery": 40, "train_window": "22:00-06:00",
+            "max_cpu_temp": 75, "not_now_retry": 120, "mains_only": False}
+    assert policy_from_config(flat) == policy
 
 
 @pytest.mark.parametrize(("table", "needle"), [
