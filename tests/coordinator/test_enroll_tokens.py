@@ -12,23 +12,28 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from coordinator.app import create_app
+from coordinator.errors import Unauthorized
+from coordinator.protocol import EnrollRequest
 from coordinator.settings import CoordinatorSettings
 from sparse_kernels import decode
 from tests.coordinator.test_hostile import REPORT, _delta, _put
 from tests.federation_fixtures import small_federation
 from tests.helpers import ADMIN, ENROLL, PROCESS_ADMIN_TOKEN, Cluster, wait_for
+
+pytestmark = pytest.mark.both_databases  # the spend is one conditional UPDATE: SQLite and PostgreSQL
 
 
 def _issue(c: TestClient, **body: Any) -> dict[str, Any]:
@@ -76,7 +81,7 @@ def test_an_expired_token_is_refused(coordinator: TestClient) -> None:
     assert _tokens(coordinator)[short["id"]]["status"] == "expired"
 
 
-def test_a_revoked_token_is_refused_and_the_secret_is_stored_hashed(coordinator: TestClient, tmp_path: Path) -> None:
+def test_a_revoked_token_is_refused_and_the_secret_is_stored_hashed(coordinator: TestClient) -> None:
     """Kills: no revoked_at condition; storing the token instead of its sha256."""
     issued = _issue(coordinator, expires_in_s=3600)
 
@@ -86,9 +91,36 @@ def test_a_revoked_token_is_refused_and_the_secret_is_stored_hashed(coordinator:
     assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
     assert refused.status_code == 401
     assert coordinator.delete("/v1/enrollment-tokens/abc123", headers=ADMIN).status_code == 404
-    with sqlite3.connect(tmp_path / "coord" / "coordinator.db") as db:
-        rows = db.execute("SELECT * FROM enrollment_tokens").fetchall()
+    store = coordinator.app.state.service.store  # type: ignore[attr-defined]
+    with store.engine.connect() as db:  # what the database holds, on SQLite or PostgreSQL
+        rows = db.execute(sa.text("SELECT * FROM enrollment_tokens")).fetchall()
     assert rows and issued["token"] not in repr(rows)
+
+
+def test_devices_racing_with_one_token_enroll_once(coordinator: TestClient) -> None:
+    """Eight enrollments with one token at once (threads, own connections): exactly one
+    wins. Kills: a read-then-write spend (on PostgreSQL both reads see it unused)."""
+    auth = coordinator.app.state.service.auth  # type: ignore[attr-defined]
+    token = _issue(coordinator, expires_in_s=60)["token"]
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def enroll(i: int) -> None:
+        barrier.wait()
+        try:
+            auth.enroll(EnrollRequest(enrollment_token=token, name=f"race-{i}"), f"10.0.0.{i}")
+            outcomes.append("enrolled")
+        except Unauthorized:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=enroll, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert sorted(outcomes) == ["enrolled"] + ["refused"] * 7
+    assert len([a for a in coordinator.get("/v1/agents", headers=ADMIN).json() if a["name"].startswith("race")]) == 1
 
 
 @pytest.mark.parametrize(("body", "status"), [
