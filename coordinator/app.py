@@ -94,7 +94,7 @@ def _agent_public(svc: CoordinatorService, a: AgentRow, needs: dict[str, dict[st
 
 def _token_public(row: EnrollmentTokenRow) -> EnrollmentTokenPublic:
     return EnrollmentTokenPublic(id=row.id, name=row.name, created_at=row.created_at, expires_at=row.expires_at,
-                                 status=row.status(time.time()), used_at=row.used_at, agent_id=row.agent_id)  # type: ignore[arg-type]
+                                 status=row.status(time.time()), used_at=row.used_at, agent_id=row.agent_id)
 
 
 def _client_ip(request: Request) -> str:

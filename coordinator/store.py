@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -169,7 +169,7 @@ class EnrollmentTokenRow:
     agent_id: str | None = None
     revoked_at: float | None = None
 
-    def status(self, now: float) -> str:
+    def status(self, now: float) -> Literal["active", "used", "expired", "revoked"]:
         """used | revoked | expired | active (in that order: a used token stays "used")."""
         if self.used_at is not None:
             return "used"
