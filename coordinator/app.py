@@ -23,6 +23,7 @@ from coordinator.dashboard import DASHBOARD_HTML, DASHBOARD_JS, SECURITY_HEADERS
 from coordinator.errors import (
     BadRequest,
     CoordinatorError,
+    NotFound,
     PayloadTooLarge,
     RequestTimeout,
     TooManyRequests,
@@ -41,6 +42,9 @@ from coordinator.protocol import (
     RESHAPE_HEADER,
     VERSION_HEADER,
     AgentPublic,
+    EnrollmentTokenCreate,
+    EnrollmentTokenIssued,
+    EnrollmentTokenPublic,
     EnrollRequest,
     EnrollResponse,
     FederationCreate,
@@ -53,7 +57,7 @@ from coordinator.protocol import (
 from coordinator.round_view import round_in_flight
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import AgentRow, FederationRow
+from coordinator.store import AgentRow, EnrollmentTokenRow, FederationRow
 from models import __version__
 
 __all__ = ["create_app"]
@@ -62,6 +66,7 @@ _OCTETS = "application/octet-stream"
 # Path parameters, bounded so nothing reaches SQL that SQL INTEGER cannot hold
 FederationId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
 AgentId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+TokenId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
 RoundNo = Annotated[int, Path(ge=1, le=MAX_ID)]
 VersionNo = Annotated[int, Path(ge=0, le=MAX_ID)]
 LevelNo = Annotated[int, Path(ge=0, lt=MAX_LEVELS)]
@@ -85,6 +90,11 @@ def _agent_public(svc: CoordinatorService, a: AgentRow, needs: dict[str, dict[st
                        status=svc.agent_status(a), memory_budget_bytes=svc.auth.budget(a),
                        needs_bytes={**(needs.get(a.id, {}) if needs else {}), **svc.unfit(a.id)},
                        widths=widths.get(a.id, {}) if widths else {})
+
+
+def _token_public(row: EnrollmentTokenRow) -> EnrollmentTokenPublic:
+    return EnrollmentTokenPublic(id=row.id, name=row.name, created_at=row.created_at, expires_at=row.expires_at,
+                                 status=row.status(time.time()), used_at=row.used_at, agent_id=row.agent_id)
 
 
 def _client_ip(request: Request) -> str:
@@ -193,6 +203,33 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     def revoke_agent(agent_id: AgentId) -> AgentPublic:
         """Revoke an agent's token: it can no longer poll, download or upload."""
         return _agent_public(svc, svc.revoke_agent(agent_id))
+
+    @api.post("/agents/{agent_id}/rotate", dependencies=[Admin])
+    def rotate_agent(agent_id: AgentId) -> EnrollResponse:
+        """A new token for the agent, shown this once; its old token is refused from now on."""
+        token = svc.auth.rotate(agent_id)
+        if token is None:
+            raise NotFound(f"agent {agent_id} not found")
+        return EnrollResponse(agent_id=agent_id, agent_token=token)
+
+    # ---------------------------------------------------------------- one-time enrollment tokens (admin)
+    @api.post("/enrollment-tokens", dependencies=[Admin], status_code=201)
+    def create_enrollment_token(body: EnrollmentTokenCreate) -> EnrollmentTokenIssued:
+        """A token that enrolls one device once, before it expires; the secret is in this answer only."""
+        row, token = svc.auth.issue_enrollment_token(body.expires_in_s, body.name)
+        return EnrollmentTokenIssued(**_token_public(row).model_dump(), token=token)
+
+    @api.get("/enrollment-tokens", dependencies=[Admin])
+    def list_enrollment_tokens() -> list[EnrollmentTokenPublic]:
+        return [_token_public(r) for r in svc.auth.enrollment_tokens()]
+
+    @api.delete("/enrollment-tokens/{token_id}", dependencies=[Admin])
+    def revoke_enrollment_token(token_id: TokenId) -> EnrollmentTokenPublic:
+        """Revoke a token not yet used (a used one stays "used": revoke its agent instead)."""
+        row = svc.auth.revoke_enrollment_token(token_id)
+        if row is None:
+            raise NotFound(f"enrollment token {token_id} not found")
+        return _token_public(row)
 
     # ---------------------------------------------------------------- agents
     @api.post("/agents/enroll", status_code=201)

@@ -1,6 +1,6 @@
 """Who may do what: the admin token, agent tokens (stored as sha256, cached in memory so
-a poll costs no database write), enrollment (rate-limited per IP, capped in number) and
-revocation."""
+a poll costs no database write), enrollment (rate-limited per IP, capped in number) with
+one-time expiring enrollment tokens or the shared one, revocation and rotation."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import threading
 import time
 import uuid
 
-from coordinator.errors import Forbidden, TooManyRequests, Unauthorized
+from coordinator.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized
 from coordinator.protocol import EnrollRequest
 from coordinator.ratelimit import RateLimiter
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import AgentRow, Store
+from coordinator.store import AgentRow, EnrollmentTokenRow, Store
 
 __all__ = ["Auth", "hash_token", "same_secret"]
+
+_PURGE_AFTER_S = 30 * 86400.0  # spent, revoked or expired tokens stay listed this long
 
 
 def hash_token(token: str) -> str:
@@ -33,7 +35,8 @@ class Auth:
     def __init__(self, settings: CoordinatorSettings, store: Store) -> None:
         self.settings, self.store = settings, store
         self._admin = settings.admin_token.get_secret_value()
-        self._cache: dict[str, AgentRow] = {}  # token hash -> agent (revocation evicts)
+        self._cache: dict[str, AgentRow] = {}  # token hash -> agent (revocation and rotation evict)
+        self._epoch = 0  # bumped by every eviction
         self._lock = threading.Lock()
         self.enroll_limit = RateLimiter(per_minute=settings.enroll_per_ip_per_minute)
         self.upload_limit = RateLimiter(per_minute=settings.uploads_per_agent_per_minute)
@@ -116,31 +119,81 @@ class Auth:
             return None
         digest = hash_token(token)
         with self._lock:
-            hit = self._cache.get(digest)
+            hit, epoch = self._cache.get(digest), self._epoch
         if hit is not None:
             return hit
         with self.store.tx() as conn:
             agent = self.store.agent_by_token_hash(conn, digest)
         if agent is not None:
             with self._lock:
-                self._cache[digest] = agent
+                if epoch == self._epoch:  # else a revoke or rotation ran meanwhile: this row may be stale
+                    self._cache[digest] = agent
         return agent
 
     def enroll(self, req: EnrollRequest, client_ip: str) -> tuple[str, str]:
         wait = self.enroll_limit.take(client_ip, time.monotonic())
         if wait:
             raise TooManyRequests(f"too many enrollments from {client_ip}; retry in {wait:.0f} s", retry_after=wait)
-        if not same_secret(req.enrollment_token, self.settings.enrollment_token.get_secret_value()):
-            raise Unauthorized("invalid enrollment token")
+        shared = self.settings.shared_enrollment_token
+        one_time = not (shared is not None and same_secret(req.enrollment_token, shared))
         agent_id, token = uuid.uuid4().hex[:16], secrets.token_urlsafe(32)
         now = time.time()
         info = {"memory_budget_bytes": req.memory_budget_bytes, "platform": req.platform, "ip": client_ip}
         with self.store.tx() as conn:
+            # spent in the transaction that adds the agent: a failure below un-spends it
+            if one_time and not self.store.spend_enrollment_token(conn, hash_token(req.enrollment_token), now, agent_id):
+                # one answer for unknown, spent, expired and revoked: a guesser learns nothing
+                raise Unauthorized("invalid enrollment token (unknown, already used, expired or revoked)")
             if self.store.count_agents(conn) >= self.settings.max_agents:
                 raise Forbidden(f"the coordinator holds its maximum of {self.settings.max_agents} agents")
             self.store.add_agent(conn, AgentRow(agent_id, req.name, hash_token(token), now, now, info,
                                                 memory_budget_bytes=req.memory_budget_bytes))
         return agent_id, token
+
+    # ------------------------------------------------------------------ one-time enrollment tokens
+    def issue_enrollment_token(self, expires_in_s: float, name: str) -> tuple[EnrollmentTokenRow, str]:
+        """A new one-time token valid for `expires_in_s` seconds: its row and the secret,
+        which is returned this once and stored only as a hash."""
+        if not 0 < expires_in_s <= self.settings.max_enrollment_token_s:
+            raise BadRequest(f"expiry must be within (0, {self.settings.max_enrollment_token_s:.0f}] seconds")
+        now, token = time.time(), secrets.token_urlsafe(32)
+        row = EnrollmentTokenRow(uuid.uuid4().hex[:16], name, hash_token(token), now, now + expires_in_s)
+        with self.store.tx() as conn:
+            if self.store.count_enrollment_tokens(conn) >= self.settings.max_enrollment_tokens:
+                self.store.purge_enrollment_tokens(conn, now - _PURGE_AFTER_S)
+                if self.store.count_enrollment_tokens(conn) >= self.settings.max_enrollment_tokens:
+                    raise Forbidden(f"{self.settings.max_enrollment_tokens} enrollment tokens are outstanding; "
+                                    "revoke some first")
+            self.store.add_enrollment_token(conn, row)
+        return row, token
+
+    def enrollment_tokens(self) -> list[EnrollmentTokenRow]:
+        with self.store.tx() as conn:
+            return self.store.list_enrollment_tokens(conn)
+
+    def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenRow | None:
+        with self.store.tx() as conn:
+            self.store.revoke_enrollment_token(conn, token_id, time.time())
+            return self.store.get_enrollment_token(conn, token_id)
+
+    def rotate(self, agent_id: str) -> str | None:
+        """A new token for a (not revoked) agent, returned this once; the old one stops
+        authenticating at once (the cache forgets it). None: no such agent."""
+        token = secrets.token_urlsafe(32)
+        with self.store.tx() as conn:
+            agent = self.store.get_agent(conn, agent_id)
+            if agent is None:
+                return None
+            if agent.revoked_at is not None:
+                raise Forbidden(f"agent {agent_id} is revoked; enroll the device again")
+            self.store.set_agent_token(conn, agent_id, hash_token(token))
+        self._forget(agent_id)
+        return token
+
+    def _forget(self, agent_id: str) -> None:
+        with self._lock:
+            self._cache = {k: a for k, a in self._cache.items() if a.id != agent_id}
+            self._epoch += 1
 
     def revoke(self, agent_id: str) -> AgentRow | None:
         with self.store.tx() as conn:
@@ -150,8 +203,7 @@ class Auth:
             if agent.revoked_at is None:
                 self.store.revoke_agent(conn, agent_id, time.time())
             agent = self.store.get_agent(conn, agent_id)
-        with self._lock:
-            self._cache = {k: a for k, a in self._cache.items() if a.id != agent_id}
+        self._forget(agent_id)
         return agent
 
     def check_upload_rate(self, agent: AgentRow, client_ip: str) -> None:

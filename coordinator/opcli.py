@@ -1,6 +1,7 @@
 """The operator's commands of `fedslim-coordinator`, over the REST API (so they work against
-a remote coordinator): create/list/get/start/pause/resume/stop/metrics, agents/revoke,
-`watch FEDERATION` (live progress of the round in flight) and `token` management.
+a remote coordinator): create/list/get/start/pause/resume/stop/metrics, agents/revoke/rotate,
+`watch FEDERATION` (live progress of the round in flight), `token` management (the admin
+token) and `enroll-token create|list|revoke` (one-time enrollment tokens for devices).
 
 Where the URL and admin token come from, first match wins: --url/--token, FEDSLIM_URL /
 FEDSLIM_ADMIN_TOKEN, the file `token set` wrote ($FEDSLIM_CONFIG, else
@@ -170,6 +171,36 @@ def _simple(method: str, path: str) -> Callable[[Api, argparse.Namespace], int]:
     return run
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(value: str) -> float:
+    """'90', '90s', '30m', '24h', '7d' -> seconds (argparse type)."""
+    m = _DURATION.fullmatch(value.strip().lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration like 30m, 24h or 7d")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def _enroll_token(api: Api, args: argparse.Namespace) -> int:
+    if args.action == "create":
+        issued = _expect(api.call("POST", "/v1/enrollment-tokens", {"expires_in_s": args.expires, "name": args.name}),
+                         dict, "enroll-token create")
+        if args.quiet:  # the secret alone, for scripts: TOKEN=$(fedslim-coordinator enroll-token create -q)
+            print(clean(issued.get("token", "")))
+        else:
+            _print_json(issued)
+        return 0
+    if args.action == "list":
+        _print_json(api.call("GET", "/v1/enrollment-tokens"))
+        return 0
+    if not args.id:
+        raise CliError("enroll-token revoke needs the token's id (see `enroll-token list`)")
+    _print_json(api.call("DELETE", f"/v1/enrollment-tokens/{args.id}"))
+    return 0
+
+
 def _watch(api: Api, args: argparse.Namespace) -> int:
     from coordinator.watch import watch
 
@@ -219,6 +250,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[Api, argparse.Namespace], int]]] = {
     "watch": ("follow the round in flight until the federation ends", _watch),
     "agents": ("list agents (JSON)", _simple("GET", "/v1/agents")),
     "revoke": ("revoke an agent's token", _simple("DELETE", "/v1/agents/{agent}")),
+    "rotate": ("give an agent a new token (printed once; the old one stops working)",
+               _simple("POST", "/v1/agents/{agent}/rotate")),
 }
 
 
@@ -235,7 +268,7 @@ def add_commands(sub: Any) -> None:
         _connection_flags(p)
         if name == "create":
             p.add_argument("config", nargs="?", help="JSON file (FederationCreate); defaults otherwise")
-        elif name == "revoke":
+        elif name in ("revoke", "rotate"):
             p.add_argument("agent", type=_fid)
         elif name not in ("list", "agents"):
             p.add_argument("federation", type=_fid)
@@ -249,6 +282,16 @@ def add_commands(sub: Any) -> None:
     tok.add_argument("--stdin", action="store_true", help="`set`: read the token from stdin (else a prompt)")
     tok.add_argument("--no-check", action="store_true", help="`set`: save without trying it on the coordinator")
     tok.set_defaults(func=run_command, op=None)
+    enr = sub.add_parser("enroll-token", help="one-time enrollment tokens for devices: create, list, revoke",
+                         description="A one-time token enrolls one device once, before it expires.")
+    enr.add_argument("action", choices=["create", "list", "revoke"])
+    enr.add_argument("id", nargs="?", type=_fid, help="`revoke`: the token's id")
+    _connection_flags(enr)
+    enr.add_argument("--expires", type=duration_s, default=86400.0, metavar="DURATION",
+                     help="`create`: valid for this long, e.g. 30m, 24h (default), 7d")
+    enr.add_argument("--name", default="", help="`create`: a label for the device it is meant for")
+    enr.add_argument("-q", "--quiet", action="store_true", help="`create`: print the token only")
+    enr.set_defaults(func=run_command, op=_enroll_token)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -22,6 +22,9 @@ __all__ = [
     "DataSpec",
     "EnrollRequest",
     "EnrollResponse",
+    "EnrollmentTokenCreate",
+    "EnrollmentTokenIssued",
+    "EnrollmentTokenPublic",
     "FederationCreate",
     "FederationPublic",
     "FederationStatus",
@@ -219,6 +222,27 @@ class EnrollResponse(_Strict):
     agent_token: str
 
 
+class EnrollmentTokenCreate(_Strict):
+    """A one-time enrollment token for one device: it enrolls once, before it expires."""
+
+    expires_in_s: float = Field(86400.0, gt=0, le=366 * 86400, allow_inf_nan=False)
+    name: str = Field("", max_length=100, pattern=r"^[\w.\- ]*$")  # the operator's label for the device
+
+
+class EnrollmentTokenPublic(_Strict):
+    id: str
+    name: str
+    created_at: float
+    expires_at: float
+    status: Literal["active", "used", "expired", "revoked"]
+    used_at: float | None = None
+    agent_id: str | None = None  # the agent its enrollment created
+
+
+class EnrollmentTokenIssued(EnrollmentTokenPublic):
+    token: str  # shown this once: the coordinator keeps only its sha256
+
+
 class AgentPublic(_Strict):
     id: str
     name: str
@@ -297,6 +321,10 @@ class TaskDecline(_Strict):
 
     reason: str = Field(min_length=1, max_length=500)
     needed_bytes: int | None = Field(None, gt=0, le=2**50)
+    # "not now" (the device's policy: on battery, outside its time window, too hot): without
+    # needed_bytes the agent is not sampled for this federation for this long (else the
+    # coordinator's `not_now_s`), so the retry samples another device
+    retry_after_s: float | None = Field(None, gt=0, le=86400, allow_inf_nan=False)
 
 
 class UpdateReceipt(_Strict):

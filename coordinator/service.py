@@ -86,6 +86,9 @@ class _Live:
     assigned: dict[str, int] = dataclasses.field(default_factory=dict)
     unfit: dict[str, int] = dataclasses.field(default_factory=dict)  # agent -> the smallest level's need
     slices: dict[tuple[int, int, int], bytes] = dataclasses.field(default_factory=dict)  # served level slices
+    # agent -> until when it said "not now" (device policy); in memory only: after a restart
+    # it is sampled again and, if its policy still says no, declines again
+    not_now: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class CoordinatorService:
@@ -557,7 +560,8 @@ class CoordinatorService:
         with self.store.tx() as conn:
             agents = self.store.list_agents(conn)
         candidates = [a.id for a in agents if now - a.last_seen <= self.settings.agent_timeout_s
-                      and a.revoked_at is None and self._fits(live, a, fed.current_round + 1)]
+                      and a.revoked_at is None and live.not_now.get(a.id, 0.0) <= now
+                      and self._fits(live, a, fed.current_round + 1)]
         selected = rules.select_clients(
             candidates, cfg.clients_per_round, cfg.min_clients, seed=cfg.seed, rnd=fed.current_round + 1, attempt=attempt,
         )
@@ -606,6 +610,8 @@ class CoordinatorService:
             updates.declined[agent.id] = decline.needed_bytes
             if decline.needed_bytes is not None:
                 live.needs[agent.id] = decline.needed_bytes
+            else:  # "not now": the retry (or the next round) samples someone else meanwhile
+                live.not_now[agent.id] = time.time() + (decline.retry_after_s or self.settings.not_now_s)
             self.board.mark_done(fid, rnd, updates.key[1], agent.id)
         log.info("federation %s round %d: agent %s declined (%s)", fid, rnd, agent.id, decline.reason)
         return True

@@ -8,9 +8,10 @@ from typing import Literal
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["PLACEHOLDER_TOKENS", "CoordinatorSettings"]
+__all__ = ["DEV_ENROLLMENT_TOKEN", "PLACEHOLDER_TOKENS", "CoordinatorSettings"]
 
-PLACEHOLDER_TOKENS = frozenset({"", "changeme", "dev-admin-token", "dev-enroll-token"})
+DEV_ENROLLMENT_TOKEN = "dev-enroll-token"
+PLACEHOLDER_TOKENS = frozenset({"", "changeme", "dev-admin-token", DEV_ENROLLMENT_TOKEN})
 
 
 class CoordinatorSettings(BaseSettings):
@@ -24,7 +25,10 @@ class CoordinatorSettings(BaseSettings):
     # to the current revision at start (coordinator/migrations).
     database_url: str | None = None
     admin_token: SecretStr = SecretStr("dev-admin-token")
-    enrollment_token: SecretStr = SecretStr("dev-enroll-token")
+    # The shared enrollment token: any device holding it may enroll, as often as it likes.
+    # Unset, it is off (devices enroll with the one-time tokens `enroll-token create`
+    # issues), except in dev mode, where the placeholder DEV_ENROLLMENT_TOKEN works.
+    enrollment_token: SecretStr | None = None
     # Dev mode allows the placeholder tokens above; anything else must set real ones.
     dev_mode: bool = False
     max_upload_bytes: int = 64 << 20
@@ -54,6 +58,12 @@ class CoordinatorSettings(BaseSettings):
     # GET /metrics answers the admin token or this one: a scraper given it can read counters
     # and nothing else (the admin token would let it create and stop federations)
     metrics_token: SecretStr | None = None
+    # ---- per-device enrollment (issue 12)
+    max_enrollment_token_s: float = 365 * 86400.0  # the longest expiry a one-time token may have
+    max_enrollment_tokens: int = 100_000  # issued and not yet purged: bounds the table
+    # an agent that said "not now" (its device policy: battery, time window, temperature)
+    # is not sampled for that federation for this long, unless it names its own wait
+    not_now_s: float = 60.0
 
     @model_validator(mode="after")
     def _refuse_placeholder_tokens(self) -> CoordinatorSettings:
@@ -66,6 +76,14 @@ class CoordinatorSettings(BaseSettings):
                         "(or FEDSLIM_DEV_MODE=1 for local experiments)"
                     )
         return self
+
+    @property
+    def shared_enrollment_token(self) -> str | None:
+        """The shared enrollment token in force: the one set, else the placeholder in dev mode,
+        else None (off)."""
+        if self.enrollment_token is not None:
+            return self.enrollment_token.get_secret_value()
+        return DEV_ENROLLMENT_TOKEN if self.dev_mode else None
 
     @property
     def db_url(self) -> str:

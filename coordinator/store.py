@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -41,7 +41,8 @@ from sqlalchemy.engine import make_url
 
 from coordinator.migrations import upgrade
 
-__all__ = ["AgentRow", "BlobCache", "BlobStore", "FederationRow", "RoundRow", "Store", "UpdateRow", "engine_url"]
+__all__ = ["AgentRow", "BlobCache", "BlobStore", "EnrollmentTokenRow", "FederationRow", "RoundRow", "Store", "UpdateRow",
+           "engine_url"]
 
 # The tables as the head migration leaves them; a change here needs a revision in
 # coordinator/migrations/versions (tests/coordinator/test_migrations.py compares the two).
@@ -121,6 +122,17 @@ downloads = Table(  # bytes served per (federation, round) for the metrics
     Column("round", Integer, primary_key=True),
     Column("bytes", BigInteger, nullable=False),
 )
+enrollment_tokens = Table(  # one-time enrollment tokens (issue 12): the secret only as sha256
+    "enrollment_tokens", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(100), nullable=False),  # the operator's label ("pi-kitchen")
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float),  # set once, by the enrollment that spent it
+    Column("agent_id", String(64)),  # the agent that enrollment created
+    Column("revoked_at", Float),
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,26 @@ class AgentRow:
     info: dict[str, Any]
     revoked_at: float | None = None
     memory_budget_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class EnrollmentTokenRow:
+    id: str
+    name: str
+    token_hash: str
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+    agent_id: str | None = None
+    revoked_at: float | None = None
+
+    def status(self, now: float) -> Literal["active", "used", "expired", "revoked"]:
+        """used | revoked | expired | active (in that order: a used token stays "used")."""
+        if self.used_at is not None:
+            return "used"
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if now >= self.expires_at else "active"
 
 
 @dataclass(frozen=True)
@@ -311,6 +343,45 @@ class Store:
 
     def revoke_agent(self, conn: Connection, agent_id: str, when: float) -> None:
         conn.execute(agents.update().where(agents.c.id == agent_id).values(revoked_at=when))
+
+    def set_agent_token(self, conn: Connection, agent_id: str, token_hash: str) -> None:
+        conn.execute(agents.update().where(agents.c.id == agent_id).values(token_hash=token_hash))
+
+    # ---------------------------------------------------------------- enrollment tokens
+    def add_enrollment_token(self, conn: Connection, row: EnrollmentTokenRow) -> None:
+        conn.execute(enrollment_tokens.insert().values(**row.__dict__))
+
+    def count_enrollment_tokens(self, conn: Connection) -> int:
+        return int(conn.execute(select(func.count()).select_from(enrollment_tokens)).scalar() or 0)
+
+    def list_enrollment_tokens(self, conn: Connection) -> list[EnrollmentTokenRow]:
+        q = select(enrollment_tokens).order_by(enrollment_tokens.c.created_at)
+        return [EnrollmentTokenRow(**r) for r in conn.execute(q).mappings()]
+
+    def get_enrollment_token(self, conn: Connection, token_id: str) -> EnrollmentTokenRow | None:
+        r = conn.execute(select(enrollment_tokens).where(enrollment_tokens.c.id == token_id)).mappings().first()
+        return EnrollmentTokenRow(**r) if r else None
+
+    def spend_enrollment_token(self, conn: Connection, token_hash: str, now: float, agent_id: str) -> bool:
+        """Mark the token with this hash used by `agent_id`, if it is active at `now`. One
+        conditional UPDATE: of two enrollments racing with one token exactly one sees a row
+        changed (PostgreSQL re-checks the WHERE after the first commits; SQLite serialises
+        writers)."""
+        c = enrollment_tokens.c
+        result = conn.execute(enrollment_tokens.update().where(
+            (c.token_hash == token_hash) & c.used_at.is_(None) & c.revoked_at.is_(None) & (c.expires_at > now)
+        ).values(used_at=now, agent_id=agent_id))
+        return result.rowcount == 1
+
+    def revoke_enrollment_token(self, conn: Connection, token_id: str, when: float) -> None:
+        c = enrollment_tokens.c
+        conn.execute(enrollment_tokens.update().where((c.id == token_id) & c.revoked_at.is_(None)).values(revoked_at=when))
+
+    def purge_enrollment_tokens(self, conn: Connection, before: float) -> int:
+        """Forget tokens that can no longer be spent (used, revoked or expired before `before`)."""
+        c = enrollment_tokens.c
+        gone = (c.used_at < before) | (c.revoked_at < before) | ((c.used_at.is_(None)) & (c.expires_at < before))
+        return int(conn.execute(enrollment_tokens.delete().where(gone)).rowcount or 0)
 
     # ---------------------------------------------------------------- rounds
     def put_round(self, conn: Connection, row: RoundRow) -> None:

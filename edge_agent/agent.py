@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from edge_agent.budget import rss_bytes
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
 from edge_agent.levels import SliceSource, local_slices, train_level
 from edge_agent.local import BudgetExceeded, initial_weights, run_task
+from edge_agent.policy import Policy, decide, read_conditions
 from models import ImageDataset
 from sparse_kernels import MAX_MODEL_BYTES, CodecError, ErrorFeedback, Weights, decode
 from sparse_kernels.npz import escape_key, unescape_key
@@ -62,9 +65,13 @@ class AgentState:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def save_identity(self, agent_id: str, token: str, url: str) -> None:
-        path = self.root / "identity.json"
-        path.write_text(json.dumps({"agent_id": agent_id, "agent_token": token, "url": url}))
-        path.chmod(0o600)
+        path, tmp = self.root / "identity.json", self.root / "identity.json.tmp"
+        # created 0600 (never readable by others, not even for a moment), then renamed into place
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"agent_id": agent_id, "agent_token": token, "url": url}, f)
+        os.chmod(tmp, 0o600)  # O_CREAT's mode applies only to a new file
+        os.replace(tmp, path)
 
     def load_arrays(self, name: str) -> tuple[dict[str, str], Weights] | None:
         path = self.root / f"{name}.npz"
@@ -91,6 +98,7 @@ class EdgeAgent:
     memory_limit_bytes: int | None = None
     seed: int = 0
     progress: bool = False
+    policy: Policy | None = None  # when the device may train (power, time window, temperature)
     _model: tuple[str, int, Weights] | None = field(default=None, init=False)  # (federation, version, weights)
 
     # ------------------------------------------------------------------ model sync
@@ -186,6 +194,22 @@ class EdgeAgent:
             budget = headroom if budget is None else min(budget, headroom)
         return budget
 
+    def _not_now(self, task: Task) -> bool:
+        """True if the device policy says no: the coordinator is told so (a decline without
+        needed_bytes) and samples another device meanwhile."""
+        if self.policy is None or not self.policy.active:
+            return False
+        decision = decide(self.policy, read_conditions(self.policy.sysfs), datetime.now())
+        if decision.ok:
+            return False
+        log.info("round %d: not now: %s", task.round, decision.reason)
+        try:
+            self.client.decline_task(task.federation_id, task.round, reason=f"not now: {decision.reason}",
+                                     retry_after_s=self.policy.retry_after_s)
+        except (CoordinatorRefused, CoordinatorUnavailable) as exc:
+            log.warning("round %d: could not decline (%s)", task.round, exc)
+        return True
+
     def _skip(self, task: Task) -> None:
         """Wait out a refused task's round, so the next poll does not hand it back."""
         time.sleep(max(0.0, min(task.deadline - time.time(), 30.0)))
@@ -204,6 +228,9 @@ class EdgeAgent:
             if task is None:
                 if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     break
+                continue
+            if self._not_now(task):
+                idle_since = time.monotonic()
                 continue
             try:
                 self.handle(task)

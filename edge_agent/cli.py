@@ -36,7 +36,21 @@ def _enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The device policy from the run flags (the names a flat agent.toml uses, same checks)."""
+    from edge_agent.policy import policy_from_config
+
+    return policy_from_config(vars(args))
+
+
 def _run(args: argparse.Namespace) -> int:
+    from edge_agent.policy import PolicyError
+
+    try:
+        policy = _policy(args)
+    except PolicyError as exc:
+        print(f"fedslim-agent: {exc}", file=sys.stderr)
+        return 2
     import torch
 
     from edge_agent.agent import AgentState, EdgeAgent
@@ -63,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         client=_client(args.url or identity["url"], identity["agent_token"]), data=data, state=state,
         memory_budget_bytes=parse_size(args.memory_budget) if args.memory_budget else None,
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else None,
-        seed=args.seed * 1000 + args.client_index, progress=args.progress,
+        seed=args.seed * 1000 + args.client_index, progress=args.progress, policy=policy,
     )
     logging.getLogger("fedslim.agent").info("%d local samples", len(data))
     agent.run(max_tasks=args.max_tasks, idle_exit_s=args.idle_exit, poll_s=args.poll)
@@ -105,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--memory-limit", default=None,
                      help="the agent process's memory (peak RSS), e.g. 512MB: training gets what the idle process leaves "
                           "of it (with --memory-budget too, the smaller)")
+    # the device policy (edge_agent/policy.py): when the device says no, the agent declines
+    # the task ("not now") and the coordinator samples another device
+    run.add_argument("--min-battery", type=float, metavar="PCT", help="on battery, train only at or above PCT %%")
+    run.add_argument("--mains-only", action="store_true", help="train only on mains/charger power")
+    run.add_argument("--train-window", metavar="HH:MM-HH:MM", help="train only inside this local time window")
+    run.add_argument("--max-cpu-temp", type=float, metavar="C", help="train only while the CPU is below C °C")
+    run.add_argument("--sysfs", default=None, help="where to read power_supply/thermal from (default /sys)")
+    run.add_argument("--not-now-retry", type=float, metavar="S",
+                     help="after a no, ask the coordinator not to sample this device for S s (default 300)")
     sub.add_parser("export", help="export a checkpoint to ONNX (see `fedslim-agent export --help`)")
     sub.add_parser("infer", help="classify inputs with an ONNX model (torch-free)")
     args = parser.parse_args(argv)

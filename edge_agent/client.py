@@ -132,9 +132,11 @@ class CoordinatorClient:
         self.bytes_down += len(resp.content)
         return resp
 
-    def decline_task(self, federation_id: str, rnd: int, *, reason: str, needed_bytes: int | None = None) -> None:
-        """Tell the coordinator this round cannot be trained here (so it stops waiting)."""
-        body = TaskDecline(reason=reason[:500], needed_bytes=needed_bytes)
+    def decline_task(self, federation_id: str, rnd: int, *, reason: str, needed_bytes: int | None = None,
+                     retry_after_s: float | None = None) -> None:
+        """Tell the coordinator this round cannot be trained here (so it stops waiting);
+        `retry_after_s`: "not now, ask again after this long" (the device's policy)."""
+        body = TaskDecline(reason=reason[:500], needed_bytes=needed_bytes, retry_after_s=retry_after_s)
         self._request("POST", f"/federations/{federation_id}/rounds/{rnd}/decline", json=body.model_dump())
 
     def upload_update(self, federation_id: str, rnd: int, body: bytes, report: UpdateReport) -> UpdateReceipt:

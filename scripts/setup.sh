@@ -55,6 +55,19 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 
+# tests/test_install_agent.py checks the device unit with `systemd-analyze verify` (offline:
+# the package's tools only, nothing is started); without root that test skips, saying why.
+if ! command -v systemd-analyze >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing systemd (systemd-analyze) for the device unit's check"
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd
+  else
+    echo "note: systemd-analyze missing; the device unit's check will skip. As root: apt-get install -y systemd" >&2
+  fi
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"
