@@ -17,6 +17,7 @@ Full mode: 10 clients, all sampled, 10 rounds, 1 local epoch, 3 seeds, α = 0.5 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -57,10 +58,8 @@ class PeakRSS:
                 procs = [self._proc, *self._proc.children(recursive=True)]
                 total = 0
                 for p in procs:
-                    try:
+                    with contextlib.suppress(psutil.Error):  # exited between listing and reading
                         total += p.memory_info().rss
-                    except psutil.Error:  # exited between listing and reading
-                        pass
                 self.peak = max(self.peak, total)
             except psutil.Error:
                 return
@@ -221,7 +220,8 @@ def format_table(summary: list[dict[str, Any]]) -> str:
             f"{s['system']:<8} {s['strategy']:<10} {s['alpha']:>4} "
             f"{s['final_accuracy']:>8.4f}±{s['final_accuracy_std']:.4f} {s['best_accuracy']:>8.4f}±{s['best_accuracy_std']:.4f} "
             f"{s['rounds_to_85'] if s['rounds_to_85'] is not None else '-':>5} {s['mb_up_per_round']:>8.2f} "
-            f"{s['mb_down_per_round']:>8.2f} {s['mb_total']:>8.1f} {s['seconds_per_round']:>6.2f}±{s['seconds_per_round_std']:<5.2f} "
+            f"{s['mb_down_per_round']:>8.2f} {s['mb_total']:>8.1f} "
+            f"{s['seconds_per_round']:>6.2f}±{s['seconds_per_round_std']:<5.2f} "
             f"{s.get('time_ratio_vs_flower', float('nan')):>8.2f} {s['peak_rss_mb']:>8.0f} "
             f"{(s['macs'] or 0) / 1e6:>7.2f} {f'{lat:.3f}' if lat is not None else '-':>7}")
     for s in summary:
