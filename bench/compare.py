@@ -118,7 +118,8 @@ def run_fedslim(args: argparse.Namespace, strategy: str, alpha: float, seed: int
     out.mkdir(parents=True, exist_ok=True)
     peak = _run(cmd, out / "run.log")
     results = json.loads((out / "results.json").read_text())
-    return _row("fedslim", strategy, alpha, seed, results["rounds"], peak, results["final"]), results
+    row = _row("fedslim", strategy, alpha, seed, results["rounds"], peak, results["final"])
+    return {**row, "clients": args.clients, "per_round": args.per_round, "backend": args.backend}, results
 
 
 def run_flower(args: argparse.Namespace, alpha: float, seed: int, out: Path) -> tuple[dict, Path]:
@@ -134,7 +135,8 @@ def run_flower(args: argparse.Namespace, alpha: float, seed: int, out: Path) -> 
     peak = _run([str(python), "-m", "bench.flower_peer", "--config", str(out / "config.json"),
                  "--out", str(out / "flower.json")], out / "run.log", env=env)
     result = json.loads((out / "flower.json").read_text())
-    return _row("flower", "fedavg", alpha, seed, result["rounds"], peak, {}), out / "flower.npz"
+    row = _row("flower", "fedavg", alpha, seed, result["rounds"], peak, {})
+    return {**row, "clients": args.clients, "per_round": args.per_round, "backend": "ray"}, out / "flower.npz"
 
 
 def check_same_partition(flower_npz: Path, fedslim_results: dict[str, Any]) -> None:
@@ -168,6 +170,64 @@ def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
                 _say(args, f"{strategy} α={alpha} seed={seed}: acc {row['final_accuracy']:.4f}, "
                            f"{row['seconds_per_round']:.1f} s/round (Flower {flower_row['seconds_per_round']:.1f})")
     return rows
+
+
+# (clients, per round, fedslim backends): 100 clients against Flower's simulation at
+# 100; 1,000 at the same 10 per round (memory must stay flat in the client count); 1,000
+# at 10 % sampled (the issue's scale target)
+SCALE = ((100, 10, ("local", "ray")), (1000, 10, ("local",)), (1000, 100, ("local",)))
+
+
+def run_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """FedAvg only, first α, seed 0, no export: wall time and peak memory against the
+    number of virtual clients, beside Flower's simulation of 100 clients."""
+    def sub(**kw: Any) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(args), **kw})
+
+    out, alpha = Path(args.out) / "scale", args.alphas[0]
+    flower, npz = run_flower(sub(clients=100, per_round=10), alpha, 0, out / "flower-100")
+    rows = [flower]
+    for clients, per_round, backends in SCALE:
+        for backend in backends:
+            row, results = run_fedslim(sub(clients=clients, per_round=per_round, backend=backend, no_export=True),
+                                       "fedavg", alpha, 0, out / f"fedslim-{clients}-{per_round}-{backend}")
+            if clients == 100:
+                check_same_partition(npz, results)
+            rows.append(row)
+            _say(args, f"scale: fedslim {clients} clients, {per_round}/round, {backend}: {row['seconds_per_round']:.1f} "
+                       f"s/round (Flower {flower['seconds_per_round']:.1f}), peak {row['peak_rss_mb']:.0f} MB")
+    return rows
+
+
+def scale_verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """The scale targets, each met or missed with the figure that decides it."""
+    def find(system: str, clients: int, per_round: int, backend: str = "local") -> dict[str, Any]:
+        return next(r for r in rows if r["system"] == system and r["clients"] == clients and r["per_round"] == per_round
+                    and (system == "flower" or r["backend"] == backend))
+
+    flower, small, large = find("flower", 100, 10), find("fedslim", 100, 10), find("fedslim", 1000, 10)
+    out = []
+    for backend in ("local", "ray"):
+        ratio = find("fedslim", 100, 10, backend)["seconds_per_round"] / flower["seconds_per_round"]
+        out.append(f"100 clients, {backend}: {ratio:.2f}x Flower's s/round (target <= 1.5x): "
+                   + ("met" if ratio <= 1.5 else "MISSED"))
+    growth = large["peak_rss_mb"] / small["peak_rss_mb"]
+    out.append(f"peak memory 1000 vs 100 clients at 10/round: {growth:.2f}x (target: flat, <= 1.10x): "
+               + ("met" if growth <= 1.10 else "MISSED"))
+    tenth = find("fedslim", 1000, 100)
+    out.append(f"1000 clients, 10 % sampled: {tenth['seconds_per_round']:.1f} s/round, peak {tenth['peak_rss_mb']:.0f} MB "
+               f"(final accuracy {tenth['final_accuracy']:.4f})")
+    return out
+
+
+def format_scale(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'system':<8} {'clients':>7} {'/round':>6} {'backend':<7} {'final acc':>9} {'s/round':>8} {'peak MB':>8} "
+            f"{'MB/round':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['system']:<8} {r['clients']:>7} {r['per_round']:>6} {r['backend']:<7} {r['final_accuracy']:>9.4f} "
+                     f"{r['seconds_per_round']:>8.2f} {r['peak_rss_mb']:>8.0f} {r['mb_per_round']:>9.2f}")
+    return "\n".join(lines + scale_verdicts(rows))
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -280,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 rounds × 20 local steps, 1 seed")
+    p.add_argument("--sections", default="main,scale",
+                   help="main: Flower beside every strategy; scale: wall time and memory against the client count")
     p.add_argument("--json", action="store_true", help="print the per-run rows as one JSON list")
     p.add_argument("--strategies", default=STRATEGIES)
     p.add_argument("--alphas", default="0.5,0.1")
@@ -315,19 +377,26 @@ def main(argv: list[str] | None = None) -> int:
         args.strategies.insert(0, "fedavg")  # the partition check and the targets need it
     if args.flower_python is None:
         setup_venv()  # idempotent; the first time it installs flwr into .venv-flower
+    sections = set(args.sections.split(","))
     started = time.time()
-    rows = run_compare(args)
+    rows = run_compare(args) if "main" in sections else []
+    scale = run_scale(args) if "scale" in sections else []
     summary = summarize(rows)
     args.results.mkdir(parents=True, exist_ok=True)
-    plots = [] if args.no_plot else [str(p) for p in _plot(rows, args.results)]
+    plots = [] if args.no_plot or not rows else [str(p) for p in _plot(rows, args.results)]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.results / "compare.json").write_text(json.dumps(
-        {"config": config, "wall_seconds": time.time() - started, "rows": rows, "summary": summary, "plots": plots},
-        indent=2))
+    meta = {"config": config, "wall_seconds": time.time() - started}
+    if rows:  # each section its own file, so one can be re-run without losing the other
+        (args.results / "compare.json").write_text(json.dumps(
+            {**meta, "rows": rows, "summary": summary, "plots": plots}, indent=2))
+    if scale:
+        (args.results / "compare_scale.json").write_text(json.dumps(
+            {**meta, "rows": scale, "targets": scale_verdicts(scale)}, indent=2))
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(rows + [{**r, "section": "scale"} for r in scale]))
     else:
-        print(format_table(summary))
+        print(format_table(summary) if rows else "")
+        print(format_scale(scale) if scale else "")
     return 0
 
 

@@ -81,7 +81,7 @@ def run_flower(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     if cfg.get("eval_samples"):
         test = test.subset(np.arange(min(cfg["eval_samples"], len(test))))
     parts = partition(train.labels, cfg["clients"], cfg["partition"], seed=cfg["seed"])
-    np.savez(out.with_suffix(".npz"), **{f"client_{i}": p for i, p in enumerate(parts)})
+    np.savez(out.with_suffix(".npz"), **{f"client_{i}": p for i, p in enumerate(parts)})  # type: ignore[arg-type]
     initial = seeded_weights(cfg["model"], cfg["seed"], **model_kw)
     train_kw = {"epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "max_steps": cfg.get("max_steps")}
 

@@ -8,6 +8,7 @@ the task and the base weights once; each job carries only its index, seed and re
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -43,7 +44,7 @@ class RayBackend:
             env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                                 "OMP_NUM_THREADS": "1"}}
             ray.init(address=address, num_cpus=None if address else (num_cpus or os.cpu_count()),
-                     include_dashboard=False, log_to_driver=False, runtime_env=env, logging_level="ERROR")
+                     include_dashboard=False, log_to_driver=False, runtime_env=env, logging_level=logging.ERROR)
         self._remote: Any = ray.remote(num_cpus=1, max_retries=0)(_train_remote)
         self._data = ray.put(data)
         self._parts = ray.put(parts)

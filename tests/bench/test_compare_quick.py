@@ -25,7 +25,8 @@ needs_flower = pytest.mark.skipif(not flower_python().exists(),
 def test_compare_runs_flower_and_fedslim_on_a_toy_federation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Arrange
     argv = ["--json", "--clients", "4", "--per-round", "2", "--rounds", "1", "--seeds", "1", "--alphas", "0.5",
-            "--strategies", "fedavg,sparse", "--max-steps", "2", "--eval-samples", "200", "--dataset", "synthetic",
+            "--strategies", "fedavg,sparse", "--sections", "main", "--max-steps", "2", "--eval-samples", "200",
+            "--dataset", "synthetic",
             "--no-export", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
             "--flower-python", str(flower_python())]
 
