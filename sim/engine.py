@@ -43,6 +43,9 @@ __all__ = ["SimEngine", "VirtualClients", "partition_digest"]
 
 _MAX_PATCH_CHAIN = 4  # as the agent: further behind than this, it downloads the full model
 _SIM_IP = "sim"  # the one "address" every virtual client uploads from
+# Every virtual client answers at once, so a round that cannot open within this long never
+# will (the service's back-off after a failed close is seconds)
+_STALL_S = 60.0
 
 
 def partition_digest(parts: list[np.ndarray]) -> str:
@@ -71,7 +74,8 @@ class VirtualClients:
 
 class SimEngine:
     def __init__(self, federation: dict[str, Any], *, clients: int, workdir: Path, backend: str = "local",
-                 torch_threads: int = 1, memory_budget_bytes: int | None = None, ray_address: str | None = None) -> None:
+                 torch_threads: int = 1, memory_budget_bytes: int | None = None, ray_address: str | None = None,
+                 stall_s: float = _STALL_S) -> None:
         if clients < 1:
             raise ValueError(f"clients must be >= 1, got {clients}")
         self.config = FederationCreate.model_validate(federation)
@@ -94,7 +98,8 @@ class SimEngine:
                       if clients > 1 else [np.arange(len(self.data))])
         ids, tokens = [], []
         for i in range(clients):
-            agent_id, token = self.service.auth.enroll(EnrollRequest(enrollment_token=enroll, name=f"sim-{i}"), _SIM_IP)
+            agent_id, token = self.service.auth.enroll(EnrollRequest(
+                enrollment_token=enroll, name=f"sim-{i}", memory_budget_bytes=memory_budget_bytes), _SIM_IP)
             ids.append(agent_id)
             tokens.append(token)
         order = sorted(range(clients), key=ids.__getitem__)
@@ -105,7 +110,7 @@ class SimEngine:
         self.backend: Backend = self._backend(backend, ray_address)
         self.fid = self.service.create_federation(cfg).id
         self._global: tuple[int, Weights] | None = None  # (version, weights): the one model copy
-        self.seconds_per_round: list[float] = []
+        self.stall_s = stall_s
 
     def _backend(self, name: str, address: str | None) -> Backend:
         if name == "local":
@@ -130,6 +135,10 @@ class SimEngine:
         # sight so that costs what it costs in an agent process, not 0.3 s a client.
         gc.freeze()
         svc.set_status(self.fid, "start")
+        # (closed rounds, open round, attempt) and when it last changed: every virtual client
+        # answers at once, so a round that neither opens, trains nor closes is stuck
+        progress: tuple[int, int, int] | None = None
+        changed = time.monotonic()
         try:
             while True:
                 svc.tick()
@@ -141,14 +150,17 @@ class SimEngine:
                 if max_rounds is not None and fed.current_round >= max_rounds:
                     break
                 entry = svc.board.current(self.fid)
-                if entry is None:  # no round open yet (or backing off after an error)
-                    if fed.error:
-                        raise RuntimeError(f"federation cannot proceed: {fed.error}")
-                    time.sleep(0.01)
-                    continue
-                pending = sorted(set(entry.selected) - entry.done)
-                if pending:
+                pending = sorted(set(entry.selected) - entry.done) if entry is not None else []
+                if entry is not None and pending:
                     self._train_round(Task.model_validate_json(entry.task_json), pending)
+                    continue
+                key = (fed.current_round, entry.round if entry else 0, entry.attempt if entry else 0)
+                if key != progress:
+                    progress, changed = key, time.monotonic()
+                elif time.monotonic() - changed > self.stall_s:
+                    raise RuntimeError(f"round {fed.current_round + 1} made no progress for {self.stall_s:.0f} s: "
+                                       f"{fed.error or 'too few clients can train it (declined for memory?)'}")
+                time.sleep(0.02)  # no client to run: the next tick opens, closes or retries
         finally:
             self.backend.close()
         return svc.round_metrics(self.fid)

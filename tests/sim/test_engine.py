@@ -136,3 +136,18 @@ def test_ray_backend_trains_the_same_model_as_the_local_one(tmp_path: Path, one_
     assert rows[0]["participants"] == 2
     for k in local:
         np.testing.assert_allclose(ray[k], local[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_clients_whose_budget_fits_nothing_decline_and_the_engine_stops_with_the_reason(tmp_path: Path) -> None:
+    # Arrange: a 64 KiB training budget: no batch size of LeNet-5 fits, every client declines
+    config = tiny_federation(clients_per_round=2, min_clients=2)
+
+    # Act / assert: the service stops sampling them; the engine says why instead of spinning
+    engine = SimEngine(config, clients=2, workdir=tmp_path, memory_budget_bytes=64 << 10, stall_s=2.0)
+    try:
+        with pytest.raises(RuntimeError, match="made no progress"):
+            engine.run()
+        needs = engine.service.agent_needs()
+    finally:
+        engine.close()
+    assert len(needs) == 2 and all(n > 64 << 10 for per in needs.values() for n in per.values())
