@@ -90,6 +90,16 @@ class SimEngine:
             uploads_per_agent_per_minute=1e6, uploads_per_ip_per_minute=1e9,
         )
         self.service = CoordinatorService(settings)
+        try:
+            self._set_up(clients, workdir, enroll, memory_budget_bytes, backend, ray_address)
+        except BaseException:
+            self.service.stop()  # its database and blob store, whatever failed
+            raise
+        self._global: tuple[int, Weights] | None = None  # (version, weights): the one model copy
+        self.stall_s = stall_s
+
+    def _set_up(self, clients: int, workdir: Path, enroll: str, memory_budget_bytes: int | None, backend: str,
+                ray_address: str | None) -> None:
         cfg = self.config
         self.data = load_dataset(cfg.data.dataset, cfg.data.data_dir, "train", seed=cfg.seed)
         # every sample goes to exactly one client: the index arrays add up to the dataset,
@@ -109,8 +119,6 @@ class SimEngine:
         self.budget = memory_budget_bytes
         self.backend: Backend = self._backend(backend, ray_address)
         self.fid = self.service.create_federation(cfg).id
-        self._global: tuple[int, Weights] | None = None  # (version, weights): the one model copy
-        self.stall_s = stall_s
 
     def _backend(self, name: str, address: str | None) -> Backend:
         if name == "local":
