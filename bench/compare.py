@@ -70,8 +70,14 @@ class PeakRSS:
         return self.peak / 2**20
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
-    """Run `cmd` to completion, its output to `log`; returns its peak RSS in MB."""
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None, *, reuse: Path | None = None) -> float:
+    """Run `cmd` to completion, its output to `log`; returns its peak RSS in MB, also kept
+    in peak.json beside the log. With `reuse` (the run's result file): a run that completed
+    before (its result and peak.json exist) is not run again."""
+    peak_file = log.with_name("peak.json")
+    if reuse is not None and reuse.exists() and peak_file.exists():
+        return float(json.loads(peak_file.read_text())["peak_rss_mb"])
+    peak_file.unlink(missing_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         meter = PeakRSS(proc.pid)
@@ -79,6 +85,7 @@ def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
         peak = meter.stop()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} … exited with {rc}; see {log}:\n{log.read_text()[-1500:]}")
+    peak_file.write_text(json.dumps({"peak_rss_mb": peak}))
     return peak
 
 
@@ -118,7 +125,7 @@ def run_fedslim(args: argparse.Namespace, strategy: str, alpha: float, seed: int
     if args.no_export:
         cmd.append("--no-export")
     out.mkdir(parents=True, exist_ok=True)
-    peak = _run(cmd, out / "run.log")
+    peak = _run(cmd, out / "run.log", reuse=out / "results.json" if args.reuse else None)
     results = json.loads((out / "results.json").read_text())
     row = _row("fedslim", strategy, alpha, seed, results["rounds"], peak, results["final"])
     return {**row, "clients": args.clients, "per_round": args.per_round, "backend": args.backend}, results
@@ -135,7 +142,8 @@ def run_flower(args: argparse.Namespace, alpha: float, seed: int, out: Path) -> 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     python = flower_python() if args.flower_python is None else Path(args.flower_python)
     peak = _run([str(python), "-m", "bench.flower_peer", "--config", str(out / "config.json"),
-                 "--out", str(out / "flower.json")], out / "run.log", env=env)
+                 "--out", str(out / "flower.json")], out / "run.log", env=env,
+                reuse=out / "flower.json" if args.reuse else None)
     result = json.loads((out / "flower.json").read_text())
     row = _row("flower", "fedavg", alpha, seed, result["rounds"], peak, {})
     return {**row, "clients": args.clients, "per_round": args.per_round, "backend": "ray"}, out / "flower.npz"
@@ -368,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="local", choices=["local", "ray"], help="fedslim-sim's backend")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export (no MACs/latency columns)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="keep runs under --out that completed before (resume)")
     p.add_argument("--out", default="runs/bench-compare")
     p.add_argument("--results", type=Path, default=RESULTS, help="where compare.json and the PNGs go")
     p.add_argument("--flower-python", default=None, help="python of a Flower venv (default: .venv-flower, made if absent)")
@@ -388,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_venv()  # idempotent; the first time it installs flwr into .venv-flower
     sections = set(args.sections.split(","))
     started = time.time()
-    rows = run_compare(args) if "main" in sections else []
     scale = run_scale(args) if "scale" in sections else []
+    rows = run_compare(args) if "main" in sections else []
     summary = summarize(rows)
     args.results.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plot or not rows else [str(p) for p in _plot(rows, args.results)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from sparse_kernels.reshape import apply_reshape, decode_reshape
 
 __all__ = ["SimEngine", "VirtualClients", "partition_digest"]
 
+log = logging.getLogger("fedslim.sim")
 _MAX_PATCH_CHAIN = 4  # as the agent: further behind than this, it downloads the full model
 _SIM_IP = "sim"  # the one "address" every virtual client uploads from
 # Every virtual client answers at once, so a round that cannot open within this long never
@@ -96,6 +98,7 @@ class SimEngine:
             self.service.stop()  # its database and blob store, whatever failed
             raise
         self._global: tuple[int, Weights] | None = None  # (version, weights): the one model copy
+        self._skipped: dict[tuple[int, int], set[str]] = {}  # (round, attempt) -> clients whose task failed
         self.stall_s = stall_s
 
     def _set_up(self, clients: int, workdir: Path, enroll: str, memory_budget_bytes: int | None, backend: str,
@@ -158,9 +161,15 @@ class SimEngine:
                 if max_rounds is not None and fed.current_round >= max_rounds:
                     break
                 entry = svc.board.current(self.fid)
-                pending = sorted(set(entry.selected) - entry.done) if entry is not None else []
+                skipped = self._skipped.get((entry.round, entry.attempt), set()) if entry is not None else set()
+                pending = sorted(set(entry.selected) - entry.done - skipped) if entry is not None else []
                 if entry is not None and pending:
-                    self._train_round(Task.model_validate_json(entry.task_json), pending)
+                    self._train_round(Task.model_validate_json(entry.task_json), pending, entry.attempt)
+                    continue
+                if entry is not None and skipped and not set(entry.selected) - entry.done - skipped:
+                    # only clients that skipped the task are left: the round would wait for its
+                    # deadline; jump the service's clock there (it closes or retries as at the deadline)
+                    svc.tick(now=entry.deadline + 1e-3)
                     continue
                 key = (fed.current_round, entry.round if entry else 0, entry.attempt if entry else 0)
                 if key != progress:
@@ -173,13 +182,17 @@ class SimEngine:
             self.backend.close()
         return svc.round_metrics(self.fid)
 
-    def _train_round(self, task: Task, agent_ids: list[str]) -> None:
+    def _train_round(self, task: Task, agent_ids: list[str], attempt: int) -> None:
         index = self.clients.index_of()
         picked = [index[a] for a in agent_ids]
         weights = self._sync(task, picked)
         jobs = [ClientJob(i, agent_seed(self.config.seed, i), self.residuals.get(i)) for i in picked]
         for result in self.backend.train(task, weights, jobs):
             agent = self.service.auth.agent(self.clients.tokens[result.index])
+            if result.error:
+                log.warning("round %d: client %d skipped the task: %s", task.round, result.index, result.error)
+                self._skipped.setdefault((task.round, attempt), set()).add(agent.id)
+                continue
             if result.body is None:
                 self.service.decline_task(agent, task.federation_id, task.round,
                                           TaskDecline(reason=result.decline_reason, needed_bytes=result.needed_bytes))

@@ -46,6 +46,7 @@ class ClientResult:
     residual: Weights  # to keep for its next round (empty: nothing to keep)
     decline_reason: str = ""
     needed_bytes: int | None = None
+    error: str = ""  # the task failed (a NaN delta, a model it cannot build): no upload, as the agent skips it
 
 
 def train_client(task: Task, weights: Weights, shard: ImageDataset, job: ClientJob, *,
@@ -60,6 +61,8 @@ def train_client(task: Task, weights: Weights, shard: ImageDataset, job: ClientJ
         result = run_task(task, weights, shard, feedback, memory_budget_bytes=memory_budget_bytes, seed=job.seed)
     except BudgetExceeded as exc:  # the agent declines: the round stops waiting for it
         return ClientResult(job.index, None, None, {}, str(exc)[:500] or "budget exceeded", exc.needed_bytes)
+    except (ValueError, RuntimeError, KeyError) as exc:  # EdgeAgent.run skips the task (and keeps its residual)
+        return ClientResult(job.index, None, None, job.residual or {}, error=f"{type(exc).__name__}: {exc}"[:500])
     return ClientResult(job.index, result.body, result.report, feedback.state_dict())
 
 
