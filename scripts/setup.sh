@@ -78,6 +78,9 @@ want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "==> installing pinned dependencies (first run takes a few minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,sim]"
   echo "$want" > "$stamp"
 fi
+# Flower for bench.compare and its test: its own venv (flwr's pins conflict with ours; see
+# the `# sim:` block of constraints.txt). Idempotent: a stamp holds what it was made with.
+.venv/bin/python -m bench.flower_peer --setup >/dev/null
