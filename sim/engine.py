@@ -164,7 +164,12 @@ class SimEngine:
                 skipped = self._skipped.get((entry.round, entry.attempt), set()) if entry is not None else set()
                 pending = sorted(set(entry.selected) - entry.done - skipped) if entry is not None else []
                 if entry is not None and pending:
-                    self._train_round(Task.model_validate_json(entry.task_json), pending, entry.attempt)
+                    # agents of different width levels get different tasks: one group per task
+                    groups: dict[bytes, list[str]] = {}
+                    for agent_id in pending:
+                        groups.setdefault(entry.task_for.get(agent_id, entry.task_json), []).append(agent_id)
+                    for task_bytes, ids in groups.items():
+                        self._train_round(Task.model_validate_json(task_bytes), ids, entry.attempt)
                     continue
                 if entry is not None and skipped and not set(entry.selected) - entry.done - skipped:
                     # only clients that skipped the task are left: the round would wait for its

@@ -18,6 +18,7 @@ import numpy as np
 
 from coordinator.protocol import Task, UpdateReport
 from edge_agent.budget import BudgetExceeded
+from edge_agent.levels import local_slices, train_level
 from edge_agent.local import run_task
 from models import ImageDataset
 from sparse_kernels import ErrorFeedback, Weights
@@ -58,7 +59,11 @@ def train_client(task: Task, weights: Weights, shard: ImageDataset, job: ClientJ
     if job.residual and all(k in weights and weights[k].shape == v.shape for k, v in job.residual.items()):
         feedback.load_state_dict(job.residual)
     try:
-        result = run_task(task, weights, shard, feedback, memory_budget_bytes=memory_budget_bytes, seed=job.seed)
+        if task.levels:  # width levels: the agent's own slice training (slices cut from the global weights)
+            result = train_level(task, local_slices(task, weights), shard, feedback,
+                                 memory_budget_bytes=memory_budget_bytes, seed=job.seed)
+        else:
+            result = run_task(task, weights, shard, feedback, memory_budget_bytes=memory_budget_bytes, seed=job.seed)
     except BudgetExceeded as exc:  # the agent declines: the round stops waiting for it
         return ClientResult(job.index, None, None, {}, str(exc)[:500] or "budget exceeded", exc.needed_bytes)
     except (ValueError, RuntimeError, KeyError) as exc:  # EdgeAgent.run skips the task (and keeps its residual)

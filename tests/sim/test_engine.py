@@ -151,3 +151,16 @@ def test_clients_whose_budget_fits_nothing_decline_and_the_engine_stops_with_the
     finally:
         engine.close()
     assert len(needs) == 2 and all(n > 64 << 10 for per in needs.values() for n in per.values())
+
+
+def test_width_levels_run_in_the_engine_at_the_level_the_budget_fits(tmp_path: Path) -> None:
+    from coordinator.levels import plan_levels
+    from coordinator.protocol import FederationCreate
+
+    config = tiny_federation(clients_per_round=2, min_clients=2, levels={"widths": [1.0, 0.5]})
+    levels = plan_levels(FederationCreate.model_validate(config),
+                         seeded_weights("lenet5", 3, in_channels=1, num_classes=10), 1)
+    budget = (levels[0].need_bytes + levels[1].need_bytes) // 2  # level 1 only
+    _, rows = run_engine(tmp_path, config, clients=2, memory_budget_bytes=budget)
+    assert [a["level"] for a in rows[0]["agents"]] == [1, 1]
+    assert rows[0]["levels"][1]["agents"] and not rows[0]["levels"][0]["agents"]
