@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 from torch import nn
 
@@ -91,9 +91,16 @@ def model_identity(
     """What both sides of a federation must agree on before training `name`: the
     structure fingerprint of its fresh build (`models.plugins.structure_fingerprint`) and
     where it comes from ("fedslim" for the zoo, "distribution version" for a plugin)."""
-    factory, origin = _resolve(name)
+    _, origin = _resolve(name)
     kw = _checked_args(in_channels, num_classes, image_size)
-    model = build_on_meta(partial(factory, **kw))
+    return _identity(name, origin, kw["in_channels"], kw["num_classes"], kw["image_size"])
+
+
+@lru_cache(maxsize=128)
+def _identity(name: str, origin: str, in_channels: int, num_classes: int, image_size: int) -> ModelIdentity:
+    # keyed by origin: a plugin upgraded in place (new version) is built afresh
+    factory, _ = _resolve(name)
+    model = build_on_meta(partial(factory, in_channels=in_channels, num_classes=num_classes, image_size=image_size))
     if not isinstance(model, nn.Module):
         raise PluginError(f"model {name!r} ({origin}) built a {type(model).__name__}, not a torch nn.Module")
     return ModelIdentity(structure_fingerprint(model, origin), origin)
