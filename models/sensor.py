@@ -57,9 +57,9 @@ class SensorMLP(nn.Module):
         return self.classifier(_as_windows(x))
 
 
-def sensor_cnn(**kw: int) -> SensorConv1d:
-    return SensorConv1d(**kw)
+def sensor_cnn(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> SensorConv1d:
+    return SensorConv1d(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
 
 
-def sensor_mlp(**kw: int) -> SensorMLP:
-    return SensorMLP(**kw)
+def sensor_mlp(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> SensorMLP:
+    return SensorMLP(in_channels=in_channels, num_classes=num_classes, image_size=image_size)

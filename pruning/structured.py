@@ -21,10 +21,9 @@ Pure torch, no I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import math
 
 import numpy as np
 import torch
