@@ -22,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 __all__ = [
@@ -34,7 +32,6 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Plugin",
     "PluginError",
-    "build_on_meta",
     "find_plugin",
     "plugin_names",
     "structure_fingerprint",
@@ -42,8 +39,6 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "fedslim.models"
 BUILTIN_ORIGIN = "fedslim"  # the origin of zoo models: no distribution version in the hash
-
-log = logging.getLogger("fedslim.models")
 
 
 class PluginError(ValueError):
@@ -100,15 +95,3 @@ def structure_fingerprint(model: nn.Module, origin: str = BUILTIN_ORIGIN) -> str
     shapes = [[k, list(v.shape)] for k, v in model.state_dict().items()]
     doc = json.dumps({"origin": origin, "shapes": shapes}, separators=(",", ":"))
     return hashlib.sha256(doc.encode()).hexdigest()
-
-
-def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    """Build for its shapes only: on the meta device (no memory, no RNG draws) where the
-    model's constructor allows it, else on the CPU."""
-    try:
-        with torch.device("meta"):
-            return factory()
-    except (NotImplementedError, RuntimeError) as exc:  # e.g. an init that reads values
-        log.debug("meta build failed (%s); building on the CPU", exc)
-        with torch.random.fork_rng():  # the caller's RNG stream stays as it was
-            return factory()

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 
 from torch import nn
 
 from models.cnn import FedAvgCNN, LeNet5
 from models.mobilenet import mobilenetv2_small
-from models.plugins import BUILTIN_ORIGIN, PluginError, build_on_meta, find_plugin, plugin_names, structure_fingerprint
+from models.plugins import BUILTIN_ORIGIN, PluginError, find_plugin, plugin_names, structure_fingerprint
 from models.resnet import resnet20, resnet32, resnet56
 from models.sensor import sensor_cnn, sensor_mlp
+from models.state import seeded_rng
 from models.vgg import vgg11_bn
 
 __all__ = ["MODEL_NAMES", "ModelIdentity", "build_model", "default_image_size", "model_identity"]
@@ -98,9 +99,12 @@ def model_identity(
 
 @lru_cache(maxsize=128)
 def _identity(name: str, origin: str, in_channels: int, num_classes: int, image_size: int) -> ModelIdentity:
-    # keyed by origin: a plugin upgraded in place (new version) is built afresh
+    # keyed by origin: a plugin upgraded in place (new version) is built afresh. Built on
+    # the CPU (the meta device takes seconds per model to decompose its init ops) with the
+    # global RNG forked and locked, so a concurrent seeded build draws what it would alone.
     factory, _ = _resolve(name)
-    model = build_on_meta(partial(factory, in_channels=in_channels, num_classes=num_classes, image_size=image_size))
+    with seeded_rng(0):
+        model = factory(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     if not isinstance(model, nn.Module):
         raise PluginError(f"model {name!r} ({origin}) built a {type(model).__name__}, not a torch nn.Module")
     return ModelIdentity(structure_fingerprint(model, origin), origin)
