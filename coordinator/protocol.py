@@ -295,6 +295,11 @@ class Task(_Strict):
     # with levels: the global model's tensor shapes (a level agent downloads only its slice
     # from .../models/{version}/levels/{level}?round=R and keeps its residual in these shapes)
     model_shapes: dict[str, list[int]] = Field(default_factory=dict, max_length=10_000)
+    # what `model` builds on the coordinator (models.zoo.model_identity): sha256 of the fresh
+    # model's state_dict names + shapes and its origin ("fedslim", or a plugin's
+    # "distribution version"); an agent whose own build differs declines the task
+    model_fingerprint: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    model_origin: str = Field("", max_length=200)
 
 
 class UpdateReport(_Strict):

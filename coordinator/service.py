@@ -53,6 +53,7 @@ from coordinator.store import AgentRow, BlobCache, FederationRow, RoundRow, Stor
 from coordinator.tasks import OpenRound, TaskBoard
 from coordinator.uploads import upload_shapes, validate_upload
 from models.state import is_bn_stat
+from models.zoo import model_identity
 from pruning.levels import level_slices
 from sparse_kernels import MAX_MODEL_BYTES, decode
 from sparse_kernels.npz import arrays_from_npz as _from_npz
@@ -307,6 +308,7 @@ class CoordinatorService:
             model_sha256=base["blob"] if base else "", seed=cfg.seed, download_values=cfg.download_values,
             levels=task_levels(self._levels(live, row.round)),
             model_shapes={k: list(v.shape) for k, v in live.weights.items()} if cfg.levels is not None else {},
+            **_model_identity(cfg),
         )
         return task.model_dump_json().encode()
 
@@ -729,3 +731,11 @@ class CoordinatorService:
     @staticmethod
     def _context(cfg: FederationCreate, rnd: int, participants: int) -> RoundContext:
         return RoundContext(rnd, cfg.rounds, cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size, participants)
+
+
+def _model_identity(cfg: FederationCreate) -> dict[str, str]:
+    """The Task fields that let an agent check it builds the same model (a plugin at the
+    same version): `models.zoo.model_identity`, cached per name, origin and shape."""
+    identity = model_identity(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                              image_size=cfg.image_size)
+    return {"model_fingerprint": identity.fingerprint, "model_origin": identity.origin}

@@ -23,12 +23,13 @@ from edge_agent.levels import SliceSource, local_slices, train_level
 from edge_agent.local import BudgetExceeded, initial_weights, run_task
 from edge_agent.policy import Policy, decide, read_conditions
 from models import ImageDataset
+from models.zoo import model_identity
 from sparse_kernels import MAX_MODEL_BYTES, CodecError, ErrorFeedback, Weights, decode
 from sparse_kernels.npz import escape_key, unescape_key
 from sparse_kernels.patch import apply_delta, encode_model
 from sparse_kernels.reshape import apply_reshape, decode_reshape
 
-__all__ = ["MAX_ABS_WEIGHT", "AgentState", "EdgeAgent", "UnsafeModel", "check_model"]
+__all__ = ["MAX_ABS_WEIGHT", "AgentState", "EdgeAgent", "ModelMismatch", "UnsafeModel", "check_identity", "check_model"]
 
 log = logging.getLogger("fedslim.agent")
 _MAX_PATCH_CHAIN = 4  # further behind than this, a full download is cheaper
@@ -39,6 +40,28 @@ MAX_ABS_WEIGHT = 1e8
 
 class UnsafeModel(ValueError):
     """A downloaded global model that is not safe to train from (NaN/Inf, absurd values)."""
+
+
+class ModelMismatch(ValueError):
+    """This agent's build of the task's model differs from the coordinator's (another
+    plugin version, or the plugin missing): training it would mix two structures."""
+
+
+def check_identity(task: Task) -> None:
+    """Raise ModelMismatch unless `task.model` builds here what it built on the coordinator
+    (a task without a fingerprint, from an older coordinator, is not checked)."""
+    if not task.model_fingerprint:
+        return
+    try:
+        mine = model_identity(task.model, in_channels=task.in_channels, num_classes=task.num_classes,
+                              image_size=task.image_size)
+    except ValueError as exc:  # unknown here: the plugin is not installed on this device
+        raise ModelMismatch(f"model {task.model!r} ({task.model_origin}) cannot be built here: {exc}") from None
+    if mine.fingerprint != task.model_fingerprint:
+        raise ModelMismatch(
+            f"model {task.model!r}: the coordinator has {task.model_origin}, this agent {mine.origin}, and they "
+            f"build different structures (fingerprint {task.model_fingerprint[:12]} vs {mine.fingerprint[:12]}); "
+            "install the coordinator's version on this device")
 
 
 def check_model(weights: Weights, *, bound: float = MAX_ABS_WEIGHT) -> None:
@@ -167,6 +190,7 @@ class EdgeAgent:
         if time.time() > task.deadline:
             log.warning("round %d: deadline already passed, skipping", task.round)
             return
+        check_identity(task)  # before any download: a different build cannot use the weights
         kw: dict[str, Any] = {"memory_budget_bytes": self.working_budget(), "seed": self.seed,
                               "progress": self.progress}
         if task.levels:  # a width level: only the slice is downloaded
@@ -243,6 +267,13 @@ class EdgeAgent:
                 except (CoordinatorRefused, CoordinatorUnavailable) as refused:
                     log.warning("round %d: could not decline (%s)", task.round, refused)
                     time.sleep(poll_s)
+            except ModelMismatch as exc:  # say why: the operator sees which side to upgrade
+                log.error("round %d: declined: %s", task.round, exc)
+                try:
+                    self.client.decline_task(task.federation_id, task.round, reason=str(exc))
+                except (CoordinatorRefused, CoordinatorUnavailable) as refused:
+                    log.warning("round %d: could not decline (%s)", task.round, refused)
+                    self._skip(task)  # undeclined, the same task would come back at once
             except CoordinatorRefused as exc:
                 log.warning("round %d: coordinator refused: %s", task.round, exc)
                 if exc.status == 401:

@@ -26,6 +26,7 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "make_synthetic",
+    "make_synthetic_windows",
     "read_idx",
     "write_cifar_batch",
     "write_idx",
@@ -215,6 +216,28 @@ def make_synthetic(
     labels = rng.integers(0, num_classes, size=n)
     images = templates[labels] + rng.normal(0, noise, size=(n, image_size, image_size, channels))
     return ImageDataset(np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64), num_classes, "synthetic")
+
+
+def make_synthetic_windows(
+    n: int, *, side: int = 28, channels: int = 3, num_classes: int = 6, seed: int = 0, split: str = "train",
+    noise: float = 0.3,
+) -> ImageDataset:
+    """Learnable sensor windows (an accelerometer's axes, say): class k is a sum of two
+    sines per channel at class-specific frequencies (from `seed`), at a random phase per
+    window (so only a time-shift-invariant model learns it), plus noise; L = side² samples
+    per channel, quantised to uint8 and laid out row-major as an (N, side, side, C)
+    'image' so that windows ride the federation's (C, H, W) input path (`models.sensor`)."""
+    length = side * side
+    freqs = np.random.default_rng(seed).uniform(2, 40, size=(num_classes, channels, 2))  # cycles per window
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    labels = rng.integers(0, num_classes, size=n)
+    t = np.arange(length) / length  # (L,)
+    phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1, 1))
+    waves = np.sin(2 * np.pi * freqs[labels][..., None] * t + phase).sum(axis=2)  # (N, C, L)
+    waves += rng.normal(0, noise, size=waves.shape)
+    scaled = np.clip((waves + 3) / 6 * 255, 0, 255).astype(np.uint8)  # [-3, 3] → [0, 255]
+    images = scaled.reshape(n, channels, side, side).transpose(0, 2, 3, 1)  # (N, side, side, C)
+    return ImageDataset(np.ascontiguousarray(images), labels.astype(np.int64), num_classes, "synthetic_windows")
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train", *, seed: int = 0) -> ImageDataset:

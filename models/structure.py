@@ -2,7 +2,8 @@
 
 The coordinator ships tensors, never pickled modules. An agent that receives the state of
 a channel-pruned model builds the dense zoo model, then `reshape_to` swaps every
-Conv2d/BatchNorm2d/Linear for one of the pruned size read from the weight shapes:
+Conv1d/Conv2d, BatchNorm1d/BatchNorm2d and Linear for one of the pruned size read from
+the weight shapes:
 
     model = reshape_to(build_model(name), structure_of(pruned))
     model.load_state_dict(pruned.state_dict())
@@ -27,10 +28,11 @@ def structure_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> nn.Module:
-    """Replace, in place, each Conv2d/BatchNorm2d/Linear of `model` whose shapes differ from
-    `shapes` by a freshly initialised module of the pruned size; returns `model`.
+    """Replace, in place, each Conv/BatchNorm (1-D or 2-D)/Linear of `model` whose shapes
+    differ from `shapes` by a freshly initialised module of the pruned size; returns `model`.
 
-    Depthwise convs (groups == in_channels) stay depthwise at the new width; other
+    Depthwise convs (groups == in_channels) stay depthwise at the new width; grouped convs
+    keep their number of groups (pruned per group: `pruning.structured`); other
     hyperparameters (stride, padding, bias, eps, momentum…) are kept. Raises
     `StructureError` if a key is missing or extra, or a shape cannot be explained.
     """
@@ -42,9 +44,9 @@ def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> nn.Modu
 
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv1d | nn.Conv2d):
             new: nn.Module | None = _conv(module, wanted[prefix + "weight"], name)
-        elif isinstance(module, nn.BatchNorm2d):
+        elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
             new = _batchnorm(module, wanted, prefix)
         elif isinstance(module, nn.Linear):
             out_f, in_f = wanted[prefix + "weight"]
@@ -59,14 +61,14 @@ def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> nn.Modu
     now = structure_of(model)
     wrong = [f"{k}: {now[k]} vs {wanted[k]}" for k in now if now[k] != wanted[k]]
     if wrong:
-        raise StructureError(f"shapes not explained by Conv2d/BatchNorm2d/Linear widths: {wrong[:5]}")
+        raise StructureError(f"shapes not explained by Conv/BatchNorm/Linear widths: {wrong[:5]}")
     return model
 
 
-def _conv(m: nn.Conv2d, shape: tuple[int, ...], name: str) -> nn.Conv2d | None:
-    out_c, in_per_group, kh, kw = shape  # weight: (out, in/groups, kh, kw)
-    if (kh, kw) != tuple(m.kernel_size):
-        raise StructureError(f"{name}: kernel {(kh, kw)} differs from {m.kernel_size}")
+def _conv(m: nn.Conv1d | nn.Conv2d, shape: tuple[int, ...], name: str) -> nn.Conv1d | nn.Conv2d | None:
+    out_c, in_per_group, *kernel = shape  # weight: (out, in/groups, k) or (out, in/groups, kh, kw)
+    if tuple(kernel) != tuple(m.kernel_size):
+        raise StructureError(f"{name}: kernel {tuple(kernel)} differs from {m.kernel_size}")
     depthwise = m.groups > 1 and m.groups == m.in_channels
     if depthwise:
         if in_per_group != 1:
@@ -78,23 +80,26 @@ def _conv(m: nn.Conv2d, shape: tuple[int, ...], name: str) -> nn.Conv2d | None:
         groups = in_c = out_c // multiplier
     else:
         groups, in_c = m.groups, in_per_group * m.groups
+        if out_c % groups:
+            raise StructureError(f"{name}: {out_c} outputs do not split into its {groups} groups")
     if (out_c, in_c, groups) == (m.out_channels, m.in_channels, m.groups):
         return None
-    dilation = (int(m.dilation[0]), int(m.dilation[-1]))
-    return nn.Conv2d(
+    return type(m)(
         in_c, out_c, m.kernel_size, stride=m.stride, padding=m.padding,  # type: ignore[arg-type]
-        dilation=dilation, groups=groups, bias=m.bias is not None, padding_mode=m.padding_mode,
+        dilation=m.dilation, groups=groups, bias=m.bias is not None,  # type: ignore[arg-type]
+        padding_mode=m.padding_mode,
     )
 
 
-def _batchnorm(m: nn.BatchNorm2d, wanted: dict[str, tuple[int, ...]], prefix: str) -> nn.BatchNorm2d | None:
+def _batchnorm(m: nn.BatchNorm1d | nn.BatchNorm2d, wanted: dict[str, tuple[int, ...]],
+               prefix: str) -> nn.BatchNorm1d | nn.BatchNorm2d | None:
     key = prefix + ("weight" if m.affine else "running_mean")
     if key not in wanted:
-        raise StructureError(f"{prefix[:-1]}: BatchNorm2d without affine weight or running stats")
+        raise StructureError(f"{prefix[:-1]}: BatchNorm without affine weight or running stats")
     (features,) = wanted[key]
     if features == m.num_features:
         return None
-    return nn.BatchNorm2d(
+    return type(m)(
         features, eps=m.eps, momentum=m.momentum, affine=m.affine,
         track_running_stats=m.track_running_stats,
     )

@@ -9,11 +9,19 @@ Channel counts left in a pruned group are multiples of `round_to` (the CPU's SIM
 8 on AVX2, 16 on AVX-512), because ONNX Runtime's blocked (NCHWc) convolutions gain
 nothing from widths in between. A group whose width is already ≤ `round_to` is left alone.
 
+Grouped convolutions (ResNeXt, ShuffleNet: 1 < groups < channels) are pruned per group, as
+torch-pruning's own pruners do (`BasePruner._get_channel_groups`): every conv group keeps
+the same number of channels, and the same positions inside each group, chosen by the
+importance averaged over the groups. Its `ConvPruner.prune_in_channels` relies on that
+(it keeps the first kept/groups input positions for every group), so cutting different
+positions per group would silently mix up the consumer's weights.
+
 Pure torch, no I/O.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +42,8 @@ __all__ = [
     "prune_channels",
 ]
 
-_ROOT_TYPES = (nn.Conv2d, nn.Linear)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+_ROOT_TYPES = (*_CONV_TYPES, nn.Linear)
 
 # Per-channel importance of a coupled group, as torch-pruning scores it.
 IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
@@ -90,8 +99,7 @@ def prune_channels(
         raise ValueError(f"target_macs is a fraction of the current MACs in (0, 1], got {target_macs}")
     if round_to < 1:
         raise ValueError(f"round_to must be >= 1, got {round_to}")
-    scorer = _importance(importance)
-    _check_groups(model)
+    scorer = _importance(importance, model)
 
     was_training = model.training
     model.eval()  # tracing must not update BN running stats
@@ -102,7 +110,7 @@ def prune_channels(
                 return model
             for root in roots:
                 current = graph.get_out_channels(root)
-                _cut(graph, root, _kept(current, current, ratio, round_to), scorer)
+                _cut(graph, root, _kept(current, current, ratio, _block(graph, root, round_to)), scorer)
             return model
         assert target_macs is not None
         positions = _output_positions(model, example_input)
@@ -111,7 +119,8 @@ def prune_channels(
         step = 1
         while conv_linear_macs(model, positions) > goal and step * _STEP < 1.0:
             for root in reversed(roots):  # last layers first, as FedTiny adjusts them
-                kept = _kept(graph.get_out_channels(root), reference[root], step * _STEP, round_to)
+                kept = _kept(graph.get_out_channels(root), reference[root], step * _STEP,
+                             _block(graph, root, round_to))
                 _cut(graph, root, kept, scorer)
                 if conv_linear_macs(model, positions) <= goal:
                     break
@@ -131,7 +140,7 @@ def channel_importance(
 ) -> dict[str, torch.Tensor]:
     """Per-channel importance (1-D, one score per output channel) of every prunable group,
     keyed by the qualified name of the group's root layer. Does not modify the model."""
-    scorer = _importance(importance)
+    scorer = _importance(importance, model)
     names = {m: n for n, m in model.named_modules()}
     was_training = model.training
     model.eval()
@@ -192,32 +201,44 @@ def _kept_dims(positions: torch.Tensor, old_shape: tuple[int, ...]) -> list[list
 # ---------------------------------------------------------------- helpers
 
 
-def _importance(name: str | ImportanceFn) -> ImportanceFn:
+def _importance(name: str | ImportanceFn, model: nn.Module) -> ImportanceFn:
     if not isinstance(name, str):
         return name
+    grouped = next((n for n, m in model.named_modules() if _is_grouped(m)), None)
+    if name == "fpgm" and grouped is not None:
+        # torch-pruning 1.6's FPGMImportance repeats a 2-D tensor with one repeat count
+        # for grouped consumers and fails inside; refuse before the model is touched
+        raise ValueError(f"importance 'fpgm' does not support grouped convs ({grouped}); use l1, l2, bn or random")
     try:
         return IMPORTANCES[name]()
     except KeyError:
         raise ValueError(f"unknown importance {name!r}; valid: {', '.join(IMPORTANCES)}") from None
 
 
-def _check_groups(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and 1 < m.groups != m.in_channels:
-            raise ValueError(
-                f"{name}: grouped conv (groups={m.groups}) is not supported; depthwise "
-                "(groups == in_channels) and dense convs are"
-            )
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (depthwise convs prune any channel alone)."""
+    return isinstance(m, _CONV_TYPES) and 1 < m.groups != m.out_channels
+
+
+def _conv_groups(group: tp.dependency.Group) -> int:
+    """How many equal conv groups the channels of a coupled group fall into: the largest
+    `groups` of the grouped convs it touches (1 without any), as torch-pruning counts it."""
+    return max((dep.target.module.groups for dep, _ in group if _is_grouped(dep.target.module)), default=1)
+
+
+def _block(graph: tp.DependencyGraph, root: nn.Module, round_to: int) -> int:
+    """Widths of root's group are multiples of this: the SIMD block, and of its conv groups."""
+    return math.lcm(round_to, _conv_groups(_full_group(graph, root)))
 
 
 @torch.no_grad()
 def _output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, int]:
-    """Output positions per sample of every Conv2d/Linear (run order preserved)."""
+    """Output positions per sample of every Conv1d/Conv2d/Linear (run order preserved)."""
     positions: dict[nn.Module, int] = {}
 
     def hook(module: nn.Module, _inp: object, out: torch.Tensor) -> None:
-        channels = out.shape[1] if isinstance(module, nn.Conv2d) else out.shape[-1]
-        positions[module] = out[0].numel() // channels  # (C, H, W) → H·W; (..., F) → prod(...)
+        channels = out.shape[1] if isinstance(module, _CONV_TYPES) else out.shape[-1]
+        positions[module] = out[0].numel() // channels  # (C, H, W) → H·W; (C, L) → L; (..., F) → prod(...)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _ROOT_TYPES)]
     try:
@@ -237,7 +258,7 @@ def _eligible_roots(
     """Dependency graph and the root layers of the groups we may prune, in module order."""
     positions = _output_positions(model, example_input)
     if not positions:
-        raise ValueError("model has no Conv2d/Linear layer to prune")
+        raise ValueError("model has no Conv/Linear layer to prune")
     classifier = list(positions)[-1]  # the last conv/linear to run produces the logits
     skip: list[nn.Module] = [classifier]
     for m in ignored:
@@ -275,11 +296,17 @@ def _kept(current: int, reference: int, ratio: float, round_to: int) -> int:
 
 @torch.no_grad()
 def _cut(graph: tp.DependencyGraph, root: nn.Module, kept: int, scorer: ImportanceFn) -> None:
-    """Remove the least important channels of root's group so that `kept` remain."""
+    """Remove the least important channels of root's group so that `kept` remain (per
+    conv group: `kept` is a multiple of the group count, `_block`)."""
     current = graph.get_out_channels(root)
     if kept >= current:
         return
-    scores = scorer(_full_group(graph, root))  # (current,)
-    drop = torch.argsort(scores)[: current - kept].tolist()
+    full = _full_group(graph, root)
+    scores = scorer(full)  # (current,)
+    groups = _conv_groups(full)
+    size = current // groups  # channels per conv group
+    per_position = scores.reshape(groups, size).mean(dim=0)  # (size,): one score per position in a group
+    cut = torch.argsort(per_position)[: size - kept // groups]
+    drop = sorted(int(p) + g * size for g in range(groups) for p in cut)  # the same positions in every group
     pruner = graph.get_pruner_of_module(root)
     graph.get_pruning_group(root, pruner.prune_out_channels, drop).prune()

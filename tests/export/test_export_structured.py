@@ -16,8 +16,8 @@ SHAPE = (1, 28, 28)
 
 
 def widths(model: nn.Module) -> dict[str, int]:
-    return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
-            for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    return {n: (m.out_channels if isinstance(m, nn.Conv1d | nn.Conv2d) else m.out_features)
+            for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear)}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

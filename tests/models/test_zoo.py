@@ -15,7 +15,8 @@ INPUTS = [
 
 
 def test_registry_holds_the_issue_models() -> None:
-    assert set(MODEL_NAMES) == {"fedavg_cnn", "lenet5", "resnet20", "resnet32", "resnet56", "vgg11_bn"}
+    assert set(MODEL_NAMES) == {"fedavg_cnn", "lenet5", "resnet20", "resnet32", "resnet56", "vgg11_bn",
+                                "mobilenetv2_small", "sensor_cnn", "sensor_mlp"}  # issue 12: edge-class models
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

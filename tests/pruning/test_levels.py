@@ -12,7 +12,11 @@ from models.state import build_from_state, seeded_weights
 from pruning.levels import level_slices, recalibrate_bn
 from sparse_kernels.reshape import apply_reshape
 
-MODELS = [("fedavg_cnn", 1, 28), ("resnet20", 3, 32), ("vgg11_bn", 3, 32), ("lenet5", 1, 28)]
+MODELS = [("fedavg_cnn", 1, 28), ("resnet20", 3, 32), ("vgg11_bn", 3, 32), ("lenet5", 1, 28),
+          ("mobilenetv2_small", 1, 28),  # depthwise convs + inverted residual adds
+          ("mobilenetv2_small", 3, 32),
+          ("sensor_cnn", 3, 32),  # Conv1d/BatchNorm1d over the flattened window
+          ("sensor_mlp", 1, 28)]
 
 
 def zero_dropped_inputs(weights, reshape):
