@@ -77,15 +77,6 @@ def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     configure_allocator()  # RSS tracks live tensors, so the memory budget holds
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{args.state_dir}] %(message)s")
-    state = AgentState(Path(args.state_dir))
-    identity = state.identity
-    if not identity:
-        if not args.enrollment_token and not os.environ.get("FEDSLIM_ENROLLMENT_TOKEN"):
-            print("not enrolled: run `fedslim-agent enroll` first or pass --enrollment-token", file=sys.stderr)
-            return 2
-        args.url, args.name, args.memory_budget = args.url, args.name, args.memory_budget
-        _enroll(args)
-        identity = state.identity
     data: Any
     if args.data:  # the device's own files: checked now, so bad data refuses to start
         from edge_agent.local_data import LocalDataError, read_local
@@ -100,6 +91,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.num_clients > 1:
             parts = partition(data.labels, args.num_clients, args.partition, seed=args.seed)
             data = data.subset(parts[args.client_index])
+    state = AgentState(Path(args.state_dir))
+    identity = state.identity
+    if not identity:
+        if not args.enrollment_token and not os.environ.get("FEDSLIM_ENROLLMENT_TOKEN"):
+            print("not enrolled: run `fedslim-agent enroll` first or pass --enrollment-token", file=sys.stderr)
+            return 2
+        args.url, args.name, args.memory_budget = args.url, args.name, args.memory_budget
+        _enroll(args)
+        identity = state.identity
     agent = EdgeAgent(
         client=_client(args.url or identity["url"], identity["agent_token"]), data=data, state=state,
         memory_budget_bytes=parse_size(args.memory_budget) if args.memory_budget else None,
