@@ -7,8 +7,10 @@ normalisation recomputed by hand from the spec; CSV errors' file:line as written
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -240,15 +242,71 @@ def test_agent_declines_a_task_its_data_cannot_serve(coordinator: TestClient, tm
     task = wait_for(lambda: client.poll_task(1.0), 10, what="a task")
     assert task is not None and task.input is not None and task.evaluate
 
-    # Act: the agent's loop meets the task
+    # Act: the agent's loop meets the task (and, as the round reopens, again)
     agent._skip = lambda task: None  # type: ignore[method-assign]  # no wait for the deadline
-    agent.run(max_tasks=None, idle_exit_s=0.5, poll_s=0.2)
-
-    # Assert: declined with the file named, nothing uploaded, the round still open
-    live = coordinator.get(f"/v1/federations/{fid}/live", headers=ADMIN).json()
-    assert live["declined"] == 1 and live["received"] == 0 and client.bytes_up == 0, live
+    worker = threading.Thread(target=agent.run, kwargs={"idle_exit_s": 0.5, "poll_s": 0.2}, daemon=True)
+    worker.start()
     svc = coordinator.app.state.service  # type: ignore[attr-defined]
-    with svc.store.tx() as conn:
-        (decline,) = svc.store.list_declines(conn, fid)
-    assert decline["reason"].startswith(f"{tmp_path / 'data' / 'wolf' / 'b.png'}: unknown class 'wolf'"), decline
+
+    def declines() -> list[dict[str, Any]]:
+        with svc.store.tx() as conn:
+            return svc.store.list_declines(conn, fid)
+
+    first = wait_for(declines, 20, what="a decline")[0]
+    assert coordinator.post(f"/v1/federations/{fid}/stop", headers=ADMIN).status_code == 200
+    worker.join(20)
+
+    # Assert: declined with the file named, nothing uploaded, no round closed
+    assert not worker.is_alive()
+    assert first["reason"].startswith(f"{tmp_path / 'data' / 'wolf' / 'b.png'}: unknown class 'wolf'"), first
+    assert client.bytes_up == 0
     assert coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["current_round"] == 0
+
+
+# ---------------------------------------------------------------- infer on CSV rows
+
+def _linear_onnx(path: Path, weight: np.ndarray, shape: tuple[int, int, int]) -> None:
+    """A hand-built ONNX model: flatten (N, C, H, W) → logits = x · weight (F, K)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", weight.shape[1]])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every onnxruntime still reads
+    onnx.save(model, path)
+
+
+def test_infer_classifies_csv_rows_as_the_hand_computed_logits(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent.infer import main as infer_main
+
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(4, 3))
+    _linear_onnx(tmp_path / "m.onnx", weight, (2, 1, 2))
+    rows = rng.normal(size=(5, 4)).round(3)
+    lines = ["a,b,label,c,d"] + [f"{r[0]},{r[1]},x,{r[2]},{r[3]}" for r in rows]
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    # the oracle: per-channel (x - mean)/std on C, H, W order, then the linear map
+    x = (rows.reshape(5, 2, 1, 2) - np.array([1.0, -1.0]).reshape(1, 2, 1, 1)) / np.array([2.0, 0.5]).reshape(1, 2, 1, 1)
+    expected = (x.reshape(5, 4) @ weight).argmax(axis=1)
+    assert infer_main(["--model", str(tmp_path / "m.onnx"), "--mean", "1,-1", "--std", "2,0.5", "--json",
+                       str(tmp_path / "rows.csv")]) == 0
+    assert [r["class"] for r in json.loads(capsys.readouterr().out)] == expected.tolist()
+
+
+def test_infer_csv_errors_name_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent.infer import main as infer_main
+
+    _linear_onnx(tmp_path / "m.onnx", np.eye(4, 3), (1, 1, 4))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3,4\n1,nan,3,4\n")
+    assert infer_main(["--model", str(tmp_path / "m.onnx"), str(bad)]) == 1
+    assert f"{bad}:2: column 2 is not a finite number" in capsys.readouterr().err
+    short = tmp_path / "short.csv"
+    short.write_text("1,2,3\n")
+    assert infer_main(["--model", str(tmp_path / "m.onnx"), str(short)]) == 1
+    assert "3 feature columns, the model's input 1×1×4 needs 4" in capsys.readouterr().err
