@@ -80,6 +80,7 @@ class StrategySpec(_Strict):
 
 
 _ClassName = Annotated[str, Field(min_length=1, max_length=100)]
+MAX_INPUT_VALUES = 4 * 512 * 512
 
 
 class InputSpec(_Strict):
@@ -104,6 +105,9 @@ class InputSpec(_Strict):
 
     @model_validator(mode="after")
     def _per_channel(self) -> InputSpec:
+        c, h, w = self.shape
+        if c * h * w > MAX_INPUT_VALUES:  # as large as image_size allows (4 × 512 × 512), no more
+            raise ValueError(f"shape {self.shape} has {c * h * w:,} values per sample; at most {MAX_INPUT_VALUES:,}")
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) not in (1, self.shape[0]):
                 raise ValueError(f"{name} needs 1 or C = {self.shape[0]} values, got {len(values)}")
