@@ -45,6 +45,11 @@ def check_federation(cfg: FederationCreate, settings: CoordinatorSettings) -> No
     for a combination that cannot work."""
     if cfg.levels is not None:
         check_levels(cfg)
+    if cfg.data.input is not None:
+        check_input(cfg)
+    if cfg.levels is not None and cfg.data.dataset == "none":
+        raise ValueError("width levels re-estimate BN statistics and evaluate per level on the server's data: "
+                         "they need data.dataset")
     params, per_sample = model_footprint(cfg)
     if params > settings.max_model_params:
         raise ValueError(f"model {cfg.model!r} at image size {cfg.image_size} has {params:,} parameters; "
@@ -70,3 +75,27 @@ def check_levels(cfg: FederationCreate) -> None:
     if cfg.aggregation.rule != "mean":
         raise ValueError(f"width levels average each coordinate over the agents that trained it: "
                          f"aggregation rule 'mean' only, not {cfg.aggregation.rule!r}")
+
+
+def check_input(cfg: FederationCreate) -> None:
+    """The input spec must describe what the model takes: one class name per output, and a
+    sample of its shape must run through the model (a shape pass on the meta device, so
+    any model's own input rule is the judge)."""
+    import torch
+
+    from models.zoo import build_model
+
+    spec = cfg.data.input
+    assert spec is not None
+    if spec.shape[0] != cfg.in_channels or len(spec.classes) != cfg.num_classes:
+        raise ValueError(f"data.input has {spec.shape[0]} channels and {len(spec.classes)} classes; the model takes "
+                         f"{cfg.in_channels} channels and has {cfg.num_classes} outputs")
+    with torch.device("meta"):
+        model = build_model(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                            image_size=cfg.image_size)
+        try:
+            with torch.no_grad():
+                model.eval()(torch.empty(1, *spec.shape))
+        except RuntimeError as exc:
+            raise ValueError(f"data.input shape {spec.shape} does not fit model {cfg.model!r} at image size "
+                             f"{cfg.image_size}: {str(exc)[:200]}") from None

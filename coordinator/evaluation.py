@@ -1,4 +1,8 @@
-"""Server-side evaluation of global weights on the federation's test split (torch)."""
+"""Server-side evaluation of global weights on the federation's test split (torch).
+
+A federation with `data.dataset: none` has no split here: `has_test_set` says so, the
+round's accuracy comes from the agents (`round_metrics.federated_evaluation`), and shapes
+come from the federation's input spec."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from coordinator.protocol import FederationCreate
 from models import ImageDataset, build_model, count_macs, evaluate, load_dataset
 from models.state import build_from_state, seeded_weights
 from models.training import iterate_batches
+from models.zoo import default_image_size
 
 __all__ = ["Evaluator"]
 
@@ -34,7 +39,22 @@ class Evaluator:
         return build_from_state(cfg.model, weights, in_channels=cfg.in_channels,
                                 num_classes=cfg.num_classes, image_size=cfg.image_size)
 
+    @staticmethod
+    def has_test_set(cfg: FederationCreate) -> bool:
+        return cfg.data.dataset != "none"
+
+    @staticmethod
+    def input_shape(cfg: FederationCreate) -> tuple[int, int, int]:
+        """(C, H, W) of one sample: the input spec's, else the model's default size."""
+        if cfg.data.input is not None:
+            c, h, w = cfg.data.input.shape
+            return (c, h, w)
+        size = cfg.image_size or default_image_size(cfg.in_channels)
+        return (cfg.in_channels, size, size)
+
     def test_data(self, cfg: FederationCreate) -> ImageDataset:
+        if not self.has_test_set(cfg):
+            raise ValueError("this federation has no server-side dataset (data.dataset is 'none')")
         key = (cfg.data.dataset, cfg.data.data_dir, cfg.data.eval_samples, cfg.seed)
         with self._lock:
             if key not in self._data:
@@ -66,5 +86,5 @@ class Evaluator:
         return evaluate(model, self.test_data(cfg))
 
     def macs(self, cfg: FederationCreate, weights: dict[str, np.ndarray]) -> int:
-        data = self.test_data(cfg)
-        return int(count_macs(self.model(cfg, weights), data.input_shape))
+        shape = self.test_data(cfg).input_shape if self.has_test_set(cfg) else self.input_shape(cfg)
+        return int(count_macs(self.model(cfg, weights), shape))

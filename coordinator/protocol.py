@@ -9,9 +9,9 @@ output.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "API_PREFIX",
@@ -28,6 +28,7 @@ __all__ = [
     "FederationCreate",
     "FederationPublic",
     "FederationStatus",
+    "InputSpec",
     "RoundInFlight",
     "StrategySpec",
     "Task",
@@ -81,14 +82,68 @@ class StrategySpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, max_length=64)
 
 
+_ClassName = Annotated[str, Field(min_length=1, max_length=100)]
+MAX_INPUT_VALUES = 4 * 512 * 512
+
+
+class InputSpec(_Strict):
+    """What one sample looks like to the model, so that devices with their own files
+    (`fedslim-agent run --data`) can map them: labels by class name (index i of `classes`
+    is the model's output i), resized to `shape`, normalised as (x/255 - mean)/std per
+    channel for 8-bit images and (x - mean)/std for numeric features."""
+
+    shape: list[Annotated[int, Field(ge=1, le=4096)]] = Field(min_length=3, max_length=3, description="[C, H, W]")
+    classes: list[_ClassName] = Field(min_length=2, max_length=1000)
+    mean: list[Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: [0.5], min_length=1, max_length=4096)
+    std: list[Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: [0.25], min_length=1, max_length=4096)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("class names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> InputSpec:
+        c, h, w = self.shape
+        if c * h * w > MAX_INPUT_VALUES:  # as large as image_size allows (4 × 512 × 512), no more
+            raise ValueError(f"shape {self.shape} has {c * h * w:,} values per sample; at most {MAX_INPUT_VALUES:,}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, self.shape[0]):
+                raise ValueError(f"{name} needs 1 or C = {self.shape[0]} values, got {len(values)}")
+        return self
+
+
 class DataSpec(_Strict):
     """What the federation trains on. Agents bring their own local data; the coordinator
-    uses `dataset` for server-side evaluation on its test split."""
+    uses `dataset` for server-side evaluation on its test split ("none": it has no data,
+    the usual real case, and the agents evaluate: `evaluation`)."""
 
-    dataset: Literal["fashion_mnist", "cifar10", "synthetic"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "cifar10", "synthetic", "none"] = "fashion_mnist"
     data_dir: str | None = Field(None, max_length=4096)
     partition: str = Field("dirichlet:0.5", max_length=100)
     eval_samples: int | None = Field(None, ge=1, le=10**7, description="evaluate on the first N test samples")
+    input: InputSpec | None = Field(None, description="the input spec agents map their local files to")
+    evaluation: Literal["auto", "server", "federated", "both"] = Field(
+        "auto", description="server: the coordinator's test split; federated: each agent evaluates the global model "
+        "it received on its held-out split and the round reports the sample-weighted mean (Flower's evaluate); "
+        "auto: server when there is a dataset, else federated",
+    )
+
+    @field_validator("evaluation")
+    @classmethod
+    def _needs_data(cls, v: str, info: Any) -> str:
+        if v in ("server", "both") and info.data.get("dataset") == "none":
+            raise ValueError(f"evaluation {v!r} needs a server-side dataset (data.dataset is 'none')")
+        return v
+
+    def evaluation_mode(self) -> Literal["server", "federated", "both"]:
+        if self.evaluation == "auto":
+            return "federated" if self.dataset == "none" else "server"
+        return self.evaluation
 
 
 MAX_ID = 2**31 - 1  # round numbers and model versions (SQL INTEGER everywhere)
@@ -300,6 +355,10 @@ class Task(_Strict):
     # "distribution version"); an agent whose own build differs declines the task
     model_fingerprint: str = Field("", pattern=r"^([0-9a-f]{64})?$")
     model_origin: str = Field("", max_length=200)
+    # the federation's input spec (local data is mapped to it) and whether the agent should
+    # evaluate the global model it received on its held-out split before training
+    input: InputSpec | None = None
+    evaluate: bool = False
 
 
 class UpdateReport(_Strict):
@@ -317,6 +376,17 @@ class UpdateReport(_Strict):
     level: int | None = Field(None, ge=0, lt=MAX_LEVELS, description="the width level trained (task.levels)")
     peak_rss_bytes: int = Field(0, ge=0, le=2**50, description="the agent process's peak resident set while training")
     memory_limit_bytes: int | None = Field(None, gt=0, le=2**50, description="the process memory limit it trained under")
+    # federated evaluation: the received global model on the agent's held-out split (0: none)
+    eval_samples: int = Field(0, ge=0, le=10**9)
+    eval_loss: float | None = Field(None, ge=0, le=1e12, allow_inf_nan=False)
+    eval_accuracy: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _eval_together(self) -> UpdateReport:
+        # all three or none: a mean over reports must not meet half an evaluation
+        if not (self.eval_samples > 0) == (self.eval_loss is not None) == (self.eval_accuracy is not None):
+            raise ValueError("eval_samples > 0, eval_loss and eval_accuracy go together")
+        return self
 
 
 class TaskDecline(_Strict):

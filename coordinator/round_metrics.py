@@ -11,7 +11,7 @@ from coordinator.store import UpdateRow
 from models.state import is_bn_stat
 from strategies.base import Weights
 
-__all__ = ["round_metrics", "weight_density"]
+__all__ = ["federated_evaluation", "round_metrics", "weight_density"]
 
 
 def weight_density(weights: Weights) -> float:
@@ -20,18 +20,42 @@ def weight_density(weights: Weights) -> float:
     return sum(int(np.count_nonzero(v)) for v in mats) / max(sum(v.size for v in mats), 1)
 
 
+def federated_evaluation(reports: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The sample-weighted mean of the agents' evaluations of the global model they
+    received (Flower's `weighted_average` over evaluate results); None when none evaluated.
+    Reports are bounded by the protocol (`UpdateReport`): no NaN, no negative counts."""
+    evals = [r for r in reports if r.get("eval_samples", 0) > 0 and r.get("eval_accuracy") is not None]
+    if not evals:
+        return None
+    n = np.array([float(r["eval_samples"]) for r in evals])
+    return {
+        "accuracy": float(np.average([float(r["eval_accuracy"]) for r in evals], weights=n)),
+        "loss": float(np.average([float(r["eval_loss"]) for r in evals], weights=n)),
+        "samples": int(n.sum()), "agents": len(evals),
+    }
+
+
 def round_metrics(*, rnd: int, attempt: int, selected: int, updates: Sequence[UpdateRow], weights: Weights,
-                  accuracy: float, loss: float, macs: int, bytes_down: int, seconds: float,
+                  accuracy: float | None, loss: float | None, macs: int, bytes_down: int, seconds: float,
                   budget_mb: float | None, clipped: int, rule: str,
                   strategy_metrics: dict[str, Any],
-                  declined: dict[str, int | None] | None = None) -> dict[str, Any]:
+                  declined: dict[str, int | None] | None = None,
+                  evaluation: str = "server") -> dict[str, Any]:
+    """`accuracy`/`loss`: the server's test split; with `evaluation` "federated" they are the
+    agents' sample-weighted mean (of the model version the round started from), and with
+    "both" that mean is also under `federated`."""
     declined = declined or {}
     reports = [u.report for u in updates]
+    federated = federated_evaluation(reports) if evaluation != "server" else None
+    if evaluation == "federated":
+        accuracy = federated["accuracy"] if federated else None
+        loss = federated["loss"] if federated else None
     # Reports are bounded by the protocol; float() keeps a huge int from overflowing numpy.
     losses = [float(r["train_loss"]) for r in reports]
     samples = [float(u.num_samples) for u in updates]
     return {
-        "round": rnd, "accuracy": accuracy, "loss": loss,
+        "round": rnd, "accuracy": accuracy, "loss": loss, "evaluation": evaluation,
+        **({"federated": federated} if federated is not None else {}),
         "participants": len(updates), "stragglers": selected - len(updates) - len(declined),
         "declined": [{"agent": a, "needed_bytes": n} for a, n in declined.items()],
         "bytes_up": sum(u.bytes for u in updates), "bytes_down": bytes_down,
@@ -49,7 +73,9 @@ def round_metrics(*, rnd: int, attempt: int, selected: int, updates: Sequence[Up
                     "planned_bytes": u.report.get("planned_memory_bytes"),
                     "peak_bytes": u.report.get("peak_memory_bytes"), "batch_size": u.report.get("batch_size"),
                     "level": u.report.get("level"), "peak_rss_bytes": u.report.get("peak_rss_bytes"),
-                    "memory_limit_bytes": u.report.get("memory_limit_bytes"), "num_samples": u.num_samples}
+                    "memory_limit_bytes": u.report.get("memory_limit_bytes"), "num_samples": u.num_samples,
+                    **({"eval_samples": u.report["eval_samples"], "eval_accuracy": u.report.get("eval_accuracy"),
+                        "eval_loss": u.report.get("eval_loss")} if u.report.get("eval_samples") else {})}
                    for u in updates],
         **strategy_metrics,
     }

@@ -152,7 +152,8 @@ class CoordinatorService:
         try:
             strategy = build_strategy(config.strategy.name, config.strategy.params)
             check_federation(config, self.settings)  # model size, eval memory: before allocating
-            self.evaluator.test_data(config)  # the data must load now, not at round 1's close
+            if self.evaluator.has_test_set(config):
+                self.evaluator.test_data(config)  # the data must load now, not at round 1's close
             weights = self.evaluator.initial_weights(config)
             ctx = self._context(config, 0, 0)
             weights = round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
@@ -309,6 +310,7 @@ class CoordinatorService:
             levels=task_levels(self._levels(live, row.round)),
             model_shapes={k: list(v.shape) for k, v in live.weights.items()} if cfg.levels is not None else {},
             **_model_identity(cfg),
+            input=cfg.data.input, evaluate=cfg.data.evaluation_mode() != "server",
         )
         return task.model_dump_json().encode()
 
@@ -641,7 +643,8 @@ class CoordinatorService:
         cast = make_broadcast(fed.id, version, live.weights, live.state, result,
                               density=cfg.download_density, values=cfg.download_values)
         state = {**result.state, **cast.residual}
-        evaluation = self.evaluator.evaluate(cfg, cast.weights)
+        mode = cfg.data.evaluation_mode()
+        evaluation = self.evaluator.evaluate(cfg, cast.weights) if mode != "federated" else None
         levels = self._level_metrics(cfg, cast.weights, updates) if cfg.levels is not None else None
         with self._served_lock:
             served = self._served.pop((fed.id, row.round), 0)
@@ -649,10 +652,11 @@ class CoordinatorService:
             bytes_down = self.store.download_bytes(conn, fed.id, row.round) + served
         metrics = round_metrics(
             rnd=row.round, attempt=row.attempt, selected=len(row.selected), updates=ups, weights=cast.weights,
-            accuracy=evaluation.accuracy, loss=evaluation.loss, macs=self.evaluator.macs(cfg, cast.weights),
+            accuracy=evaluation.accuracy if evaluation else None, loss=evaluation.loss if evaluation else None,
+            macs=self.evaluator.macs(cfg, cast.weights),
             bytes_down=bytes_down, seconds=now - live.round_started, budget_mb=cfg.memory_budget_mb,
             clipped=updates.clipped, rule=cfg.aggregation.rule, strategy_metrics=result.metrics,
-            declined=updates.declined,
+            declined=updates.declined, evaluation=mode,
         )
         if levels is not None:
             metrics["levels"] = levels
@@ -672,8 +676,8 @@ class CoordinatorService:
         live.version, live.weights, live.state, live.updates = version, cast.weights, state, None
         live.round_started = time.time()
         self.metrics.round_closed(time.perf_counter() - closing)
-        log.info("federation %s: round %d closed: accuracy %.4f, %d participants",
-                 fed.id, row.round, evaluation.accuracy, len(ups))
+        log.info("federation %s: round %d closed: accuracy %s (%s), %d participants", fed.id, row.round,
+                 "n/a" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}", mode, len(ups))
 
     def _level_metrics(self, cfg: FederationCreate, weights: Weights, updates: RoundUpdates) -> list[dict[str, Any]]:
         """Per width level of the new global model (first windows for `rolling`): test

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.protocol import Task
+from coordinator.protocol import Task, UpdateReport
 from edge_agent.budget import rss_bytes
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
 from edge_agent.levels import SliceSource, local_slices, train_level
-from edge_agent.local import BudgetExceeded, initial_weights, run_task
+from edge_agent.local import BudgetExceeded, evaluate_global, initial_weights, run_task
+from edge_agent.local_data import LocalData, LocalDataError, holdout_split, to_dataset
 from edge_agent.policy import Policy, decide, read_conditions
 from models import ImageDataset
 from models.zoo import model_identity
@@ -113,7 +114,8 @@ class AgentState:
 @dataclass
 class EdgeAgent:
     client: CoordinatorClient
-    data: ImageDataset
+    # a benchmark split, or the device's own files (mapped to each task's input spec)
+    data: ImageDataset | LocalData
     state: AgentState
     memory_budget_bytes: int | None = None  # the training working set (bytes)
     # the whole process's resident set (bytes): what the device can give this agent; the
@@ -122,7 +124,9 @@ class EdgeAgent:
     seed: int = 0
     progress: bool = False
     policy: Policy | None = None  # when the device may train (power, time window, temperature)
+    holdout_fraction: float = 0.1  # held out for federated evaluation, when a task asks for it
     _model: tuple[str, int, Weights] | None = field(default=None, init=False)  # (federation, version, weights)
+    _mapped: tuple[str, ImageDataset] | None = field(default=None, init=False)  # (input spec JSON, dataset)
 
     # ------------------------------------------------------------------ model sync
     def sync_model(self, federation_id: str, version: int, task: Task | None = None) -> Weights:
@@ -186,22 +190,44 @@ class EdgeAgent:
             feedback.load_state_dict(saved[1])  # else the structure changed: start afresh
         return feedback
 
+    def datasets(self, task: Task) -> tuple[ImageDataset, ImageDataset | None]:
+        """(train, held out) for `task`: local files mapped to its input spec (LocalDataError
+        when they do not fit it), with a seeded held-out split only when it asks to evaluate."""
+        data = self.data
+        if isinstance(data, LocalData):
+            if task.input is None:
+                raise LocalDataError(f"{data.path}: federation {task.federation_id} declares no input spec "
+                                     "(data.input: shape, classes), so local files cannot be mapped to it")
+            key = task.input.model_dump_json()
+            if self._mapped is None or self._mapped[0] != key:
+                self._mapped = (key, to_dataset(data, task.input))
+            data = self._mapped[1]
+        if not task.evaluate:
+            return data, None
+        return holdout_split(data, self.holdout_fraction, self.seed)
+
     def handle(self, task: Task) -> None:
         if time.time() > task.deadline:
             log.warning("round %d: deadline already passed, skipping", task.round)
             return
         check_identity(task)  # before any download: a different build cannot use the weights
+        data, held = self.datasets(task)  # before any download: bad data sends nothing
         kw: dict[str, Any] = {"memory_budget_bytes": self.working_budget(), "seed": self.seed,
                               "progress": self.progress}
+        evaluated: dict[str, Any] = {}
         if task.levels:  # a width level: only the slice is downloaded
             shapes = {k: tuple(v) for k, v in task.model_shapes.items()}
             feedback = self._feedback(task.federation_id, shapes)
-            result = train_level(task, self._slices(task), self.data, feedback, **kw)
+            result = train_level(task, self._slices(task), data, feedback, **kw)
         else:
             weights = self.sync_model(task.federation_id, task.model_version, task)
+            if held is not None:  # the global model as received, before local training changes it
+                ev = evaluate_global(task, weights, held)
+                evaluated = {"eval_samples": ev.samples, "eval_loss": ev.loss, "eval_accuracy": ev.accuracy}
             feedback = self._feedback(task.federation_id, {k: v.shape for k, v in weights.items()})
-            result = run_task(task, weights, self.data, feedback, **kw)
-        report = result.report.model_copy(update={"memory_limit_bytes": self.memory_limit_bytes})
+            result = run_task(task, weights, data, feedback, **kw)
+        report = UpdateReport.model_validate({**result.report.model_dump(), **evaluated,
+                                              "memory_limit_bytes": self.memory_limit_bytes})
         receipt = self.client.upload_update(task.federation_id, task.round, result.body, report)
         self.state.save_arrays("residual", {"federation": task.federation_id}, feedback.state_dict())
         log.info("round %d: uploaded %d bytes (loss %.4f, %d samples, peak %.1f MB)%s", task.round,
@@ -274,6 +300,13 @@ class EdgeAgent:
                 except (CoordinatorRefused, CoordinatorUnavailable) as refused:
                     log.warning("round %d: could not decline (%s)", task.round, refused)
                     self._skip(task)  # undeclined, the same task would come back at once
+            except LocalDataError as exc:  # nothing was sent; the round stops waiting for us
+                log.error("round %d: declined: %s", task.round, exc)
+                try:
+                    self.client.decline_task(task.federation_id, task.round, reason=str(exc)[:500])
+                except (CoordinatorRefused, CoordinatorUnavailable) as refused:
+                    log.warning("round %d: could not decline (%s)", task.round, refused)
+                self._skip(task)
             except CoordinatorRefused as exc:
                 log.warning("round %d: coordinator refused: %s", task.round, exc)
                 if exc.status == 401:

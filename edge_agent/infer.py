@@ -7,13 +7,18 @@ Inputs:
   *.npy   float32 (N, C, H, W): fed as is (already normalised);
           uint8 (N, H, W) / (N, H, W, C) / (H, W): scaled to [0, 1], normalised by --mean/--std
   *.pgm, *.ppm, *.pnm  (P2/P3/P5/P6, maxval ≤ 255), read with numpy alone
-  *.png and others     read with Pillow if it is importable
+  *.png, *.jpg and others   read with Pillow if it is importable
+  *.csv   one sample per row: numeric feature columns (C·H·W of them, in C, H, W order),
+          an optional header row, whose `label` column (--label-column) is left out;
+          normalised as (x − mean)/std per channel, like the agent's CSV training data
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,8 @@ import onnxruntime as ort
 
 from edge_agent.units import parse_size
 
-__all__ = ["InferError", "choose_model", "classify", "inference_peak", "load_inputs", "main", "read_pnm"]
+__all__ = ["InferError", "choose_model", "classify", "inference_peak", "load_inputs", "main", "read_csv_rows",
+           "read_pnm"]
 
 # Fashion-MNIST training-split statistics (models.transforms.DATASET_STATS).
 DEFAULT_MEAN, DEFAULT_STD = "0.2860", "0.3530"
@@ -84,6 +90,47 @@ def _read_image(path: Path) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+def read_csv_rows(path: str | Path, label_column: str = "label") -> np.ndarray:
+    """CSV rows → float32 (N, F) features. A first row that is not all numbers is a header;
+    its `label_column` (if any) is dropped. Errors name the file and line."""
+    rows: list[list[float]] = []
+    drop: int | None = None
+    width: int | None = None
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            cells = [c.strip() for c in row]
+            if width is None and line == 1 and not all(_is_number(c) for c in cells):
+                drop = cells.index(label_column) if label_column in cells else None
+                width = len(cells)
+                continue
+            if width is not None and len(cells) != width:
+                raise InferError(f"{path}:{line}: {len(cells)} columns, expected {width}")
+            width = len(cells)
+            values = []
+            for i, cell in enumerate(cells):
+                if i == drop:
+                    continue
+                if not _is_number(cell) or not math.isfinite(float(cell)):
+                    raise InferError(f"{path}:{line}: column {i + 1} is not a finite number ({cell[:40]!r})")
+                values.append(float(cell))
+            rows.append(values)
+    if not rows:
+        raise InferError(f"{path}: no data rows")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W, C) → float32 (N, C, H, W), (x/255 − mean)/std per channel."""
     x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
@@ -104,7 +151,8 @@ def _fit_channels(images: np.ndarray, channels: int, source: str) -> np.ndarray:
 
 
 def load_inputs(
-    paths: list[str], input_shape: tuple[int, int, int], mean: np.ndarray, std: np.ndarray
+    paths: list[str], input_shape: tuple[int, int, int], mean: np.ndarray, std: np.ndarray,
+    *, label_column: str = "label",
 ) -> list[tuple[str, np.ndarray]]:
     """Each input file → (label, float32 (N, C, H, W) batch) matching `input_shape` (C, H, W)."""
     c, h, w = input_shape
@@ -128,6 +176,13 @@ def load_inputs(
             else:
                 raise InferError(f"{path}: expected float (N, C, H, W) or uint8 (N, H, W[, C]), "
                                  f"got {arr.dtype} {arr.shape}")
+        elif path.suffix.lower() == ".csv":
+            rows = read_csv_rows(path, label_column)
+            if rows.shape[1] != c * h * w:
+                raise InferError(f"{path}: {rows.shape[1]} feature columns, the model's input {c}×{h}×{w} "
+                                 f"needs {c * h * w}")
+            x = rows.reshape(-1, c, h, w)
+            batch = (x - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
         else:
             img = _fit_channels(_read_image(path)[None], c, str(path))
             batch = _normalise(img, mean, std)
@@ -224,14 +279,18 @@ def choose_model(paths: list[str], limit: int | None, threads: int | None) -> st
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedslim-agent infer",
-                                description="Classify images or .npy batches with an ONNX model (no torch).")
+                                description="Classify images, CSV rows or .npy batches with an ONNX model (no torch).")
     p.add_argument("--model", required=True, action="append",
                    help="ONNX model file; repeat it for the width levels of a federation, widest first, with --memory-limit")
     p.add_argument("--memory-limit", default=None,
                    help="use the first --model whose measured inference peak (RSS rise, batch 1) fits, e.g. 16MB")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".npy batch, PGM/PPM image (PNG with Pillow)")
-    p.add_argument("--mean", default=DEFAULT_MEAN, help="per-channel mean for uint8 inputs (default Fashion-MNIST)")
-    p.add_argument("--std", default=DEFAULT_STD, help="per-channel std for uint8 inputs (default Fashion-MNIST)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".npy batch, PGM/PPM image, PNG/JPEG image (with Pillow), CSV rows of features")
+    p.add_argument("--mean", default=DEFAULT_MEAN,
+                   help="per-channel mean for images and CSV rows: the federation's data.input.mean "
+                        "(default Fashion-MNIST's)")
+    p.add_argument("--std", default=DEFAULT_STD, help="per-channel std, as --mean")
+    p.add_argument("--label-column", default="label", help="the CSV header's column left out of the features")
     p.add_argument("--labels", help="comma-separated class names to print beside indices")
     p.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
@@ -255,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         mean, std = _floats(args.mean, shape[0], "mean"), _floats(args.std, shape[0], "std")
         labels = args.labels.split(",") if args.labels else None
         results: list[dict[str, Any]] = []
-        for source, batch in load_inputs(args.inputs, shape, mean, std):
+        for source, batch in load_inputs(args.inputs, shape, mean, std, label_column=args.label_column):
             top, prob = classify(session, batch)
             for i, (k, p) in enumerate(zip(top.tolist(), prob.tolist(), strict=True)):
                 row: dict[str, Any] = {"input": source, "index": i, "class": int(k), "probability": float(p)}

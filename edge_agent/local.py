@@ -20,9 +20,9 @@ import torch
 
 from coordinator.protocol import Task, UpdateReport
 from edge_agent.budget import BudgetExceeded, PeakMemoryMeter, TrainingPlan, plan_training, shrunk_batch, trim_heap
-from models import ImageDataset, train_epochs
+from models import ImageDataset, evaluate, train_epochs
 from models.state import build_from_state, seeded_weights, to_numpy_state
-from models.training import TrainStats, iterate_batches
+from models.training import EvalStats, TrainStats, iterate_batches
 from sparse_kernels import (
     SMALL_TENSOR,
     DeltaMeta,
@@ -36,8 +36,8 @@ from sparse_kernels.patch import round_for_broadcast
 from strategies.base import RoundContext
 from strategies.registry import agent_half, hooks_for
 
-__all__ = ["RECHECK_STEPS", "BudgetExceeded", "LocalResult", "Planner", "default_threads", "initial_weights",
-           "run_task", "scaled_lr", "warm_up"]
+__all__ = ["RECHECK_STEPS", "BudgetExceeded", "LocalResult", "Planner", "default_threads", "evaluate_global",
+           "initial_weights", "run_task", "scaled_lr", "warm_up"]
 
 log = logging.getLogger("fedslim.agent")
 
@@ -146,6 +146,21 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         peak_rss_bytes=meter.baseline_bytes + meter.peak_rise_bytes,
     )
     return LocalResult(body, report, delta, replans)
+
+
+# small batches: evaluation runs inside the device's training memory budget, before training
+EVAL_BATCH = 64
+
+
+def evaluate_global(task: Task, weights: Weights, data: ImageDataset) -> EvalStats:
+    """Loss and accuracy of the received global model `weights` on `data` (the held-out
+    split): the agent's part of federated evaluation, run before it trains."""
+    model = build_from_state(task.model, weights, in_channels=task.in_channels, num_classes=task.num_classes,
+                             image_size=task.image_size)
+    with torch.no_grad():
+        stats = evaluate(model, data, batch_size=EVAL_BATCH)
+    # a diverged model's loss is reported as a large finite number, as train_loss is
+    return EvalStats(float(np.nan_to_num(stats.loss, nan=1e9, posinf=1e9)), stats.accuracy, stats.samples)
 
 
 def scaled_lr(lr: float, batch: int, configured_batch: int) -> float:

@@ -43,10 +43,13 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ImageDataset:
-    images: np.ndarray  # uint8 (N, H, W, C)
+    images: np.ndarray  # uint8 (N, H, W, C); float32 for numeric features (CSV, sensor windows)
     labels: np.ndarray  # int64 (N,)
     num_classes: int
     name: str
+    # per-channel normalisation when it is not the named dataset's (a federation's input spec)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
@@ -62,7 +65,7 @@ class ImageDataset:
         return (c, h, w)
 
     def subset(self, indices: np.ndarray) -> ImageDataset:
-        return ImageDataset(self.images[indices], self.labels[indices], self.num_classes, self.name)
+        return ImageDataset(self.images[indices], self.labels[indices], self.num_classes, self.name, self.mean, self.std)
 
 
 # ---------------------------------------------------------------- IDX (MNIST family)

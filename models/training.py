@@ -43,7 +43,7 @@ def iterate_batches(
     order = np.random.default_rng(seed).permutation(len(data)) if shuffle else np.arange(len(data))
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
-        yield to_tensor(data.images[idx], data.name), torch.from_numpy(data.labels[idx])
+        yield to_tensor(data.images[idx], data.name, data.mean, data.std), torch.from_numpy(data.labels[idx])
 
 
 def train_epochs(

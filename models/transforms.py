@@ -15,10 +15,16 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
-def to_tensor(images: np.ndarray, dataset: str) -> torch.Tensor:
-    """uint8 (N, H, W, C) → normalised float32 (N, C, H, W)."""
-    mean, std = DATASET_STATS.get(dataset, ((0.5,), (0.25,)))
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+def to_tensor(images: np.ndarray, dataset: str, mean: tuple[float, ...] | None = None,
+              std: tuple[float, ...] | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, C) → normalised float32 (N, C, H, W): x/255, then (x - mean)/std
+    with the dataset's statistics unless `mean`/`std` are given. Float inputs (numeric
+    features) skip the /255."""
+    if mean is None or std is None:
+        mean, std = DATASET_STATS.get(dataset, ((0.5,), (0.25,)))
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    if images.dtype == np.uint8:
+        x = x.div_(255.0)
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return (x - m) / s
