@@ -1,0 +1,76 @@
+"""FedDIP's incremental regularisation penalises the *kept* weights, λ Σ_l ‖w_l⊙m_l‖₂,
+while error feedback lets the dense w move at pruned coordinates. Checked on the agent
+half's own hooks (mask from the global model's zeros, λ from the task), with the pruned
+coordinates of the dense weights made large as error feedback makes them: an agent that
+regularises dense w (‖w_l‖₂) gets a different value and a nonzero pull on pruned
+coordinates, and fails here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from models import make_synthetic
+from models.state import build_from_state
+from pruning.masks import masked_weight_names
+
+LAM = 0.3
+
+
+def _global_sparse_weights(h: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """lenet5 weights with 70 % of every masked layer exactly zero (the server's w⊙m)."""
+    w = h.weights_of("lenet5", seed=3)
+    names = masked_weight_names(build_from_state("lenet5", w, in_channels=1, num_classes=10))
+    rng = np.random.default_rng(0)
+    masks = {n: rng.random(w[n].shape) < 0.3 for n in names}
+    return {k: np.where(masks[k], v, np.float32(0)) if k in masks else v for k, v in w.items()}, masks
+
+
+def _dense(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The dense weight (the parametrisation's original inside MaskedForward)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if parametrize.is_parametrized(module, attr):
+        return getattr(module.parametrizations, attr).original
+    return getattr(module, attr)
+
+
+def test_regulariser_is_the_norm_of_the_kept_weights_and_leaves_pruned_ones_alone(h: Any) -> None:
+    w, masks = _global_sparse_weights(h)
+    model = build_from_state("lenet5", w, in_channels=1, num_classes=10)
+    task = h.task_for("feddip", {"lam": LAM, "error_feedback": True})
+    hooks = h.task_hooks(task, model, w, make_synthetic(8, seed=0))
+    assert hooks.regularizer is not None and hooks.context is not None
+    rng = np.random.default_rng(1)
+    with hooks.context:
+        with torch.no_grad():  # pruned coordinates drift under error feedback: make them big
+            for n, m in masks.items():
+                _dense(model, n).add_(torch.from_numpy(
+                    (5.0 * rng.standard_normal(m.shape) * ~m).astype(np.float32)))
+        dense = {n: _dense(model, n).detach().double().numpy() for n in masks}
+        expect = LAM * sum(float(np.linalg.norm((dense[n] * masks[n]).ravel())) for n in masks)
+        without_mask = LAM * sum(float(np.linalg.norm(dense[n].ravel())) for n in masks)
+        assert without_mask > 1.5 * expect  # the two readings are far apart here
+
+        model.zero_grad()
+        reg = hooks.regularizer(model)
+        reg.backward()
+        assert float(reg.detach()) == pytest.approx(expect, rel=1e-5)
+        for n, m in masks.items():
+            grad = _dense(model, n).grad
+            assert grad is not None
+            g = grad.double().numpy()
+            assert not g[~m].any(), n  # no pull on pruned coordinates
+            kept = dense[n] * m
+            np.testing.assert_allclose(g[m], (LAM * kept / np.linalg.norm(kept.ravel()))[m], rtol=1e-4, atol=1e-9)
+
+
+def test_no_regulariser_at_lambda_zero(h: Any) -> None:
+    w, _ = _global_sparse_weights(h)
+    model = build_from_state("lenet5", w, in_channels=1, num_classes=10)
+    hooks = h.task_hooks(h.task_for("feddip", {"lam": 0.0}), model, w, make_synthetic(8, seed=0))
+    assert hooks.regularizer is None
