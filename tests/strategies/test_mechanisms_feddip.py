@@ -74,3 +74,18 @@ def test_no_regulariser_at_lambda_zero(h: Any) -> None:
     model = build_from_state("lenet5", w, in_channels=1, num_classes=10)
     hooks = h.task_hooks(h.task_for("feddip", {"lam": 0.0}), model, w, make_synthetic(8, seed=0))
     assert hooks.regularizer is None
+
+
+def test_memory_estimate_counts_the_regulariser_only_when_lambda_is_positive(h: Any) -> None:
+    """Survivor of bench.mutants (the λ > 0 guard of the estimate): the regulariser's
+    saved w⊙m is one fp32 copy of every masked layer, and only exists when λ > 0."""
+    from pruning.masks import masks_from_zeros
+    from strategies.base import masks_bytes
+
+    w, _ = _global_sparse_weights(h)
+    data = make_synthetic(8, seed=0)
+    with_reg, without = (h.task_hooks(h.task_for("feddip", {"lam": lam}),
+                                      build_from_state("lenet5", w, in_channels=1, num_classes=10), w, data)
+                         for lam in (LAM, 0.0))
+    masks = masks_from_zeros(build_from_state("lenet5", w, in_channels=1, num_classes=10), w)
+    assert with_reg.extra_memory_bytes - without.extra_memory_bytes == masks_bytes(masks, itemsize=4) > 0

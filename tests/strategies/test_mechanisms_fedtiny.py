@@ -123,3 +123,22 @@ def test_select_phase_evaluates_each_candidate_with_the_averaged_statistics(h: A
             expect = float(nn.functional.cross_entropy(model.eval()(x), y))
         assert losses[c] == pytest.approx(expect, rel=1e-4)
         assert abs(own - expect) > 0.05 * abs(expect)  # ignoring the averaged BN would show
+
+
+def test_a_training_round_without_gradient_tops_leaves_the_masks_alone(h: Any) -> None:
+    """Survivor of bench.mutants (the server's default for a missing ``aux/grow``): a
+    round that closes with no statistics for the planned layer grows and drops nothing."""
+    import dataclasses
+
+    from strategies.fedtiny.server import FedTiny
+
+    w = h.weights_of("lenet5")
+    s = FedTiny(density=0.2, pool_size=2, every=1, t_end=4)
+    sel = s.aggregate(dataclasses.replace(h.context(1, 5), aux={"aux/loss": np.array([1.0, 2.0], np.float32)}),
+                      w, {}, {})
+    assert s.task_params(2, sel.weights, sel.state)["grow"]  # a layer is planned this round
+    res = s.aggregate(dataclasses.replace(h.context(2, 5), aux={}), sel.weights, {}, sel.state)
+    assert res.metrics["mask_changes"] == 0
+    for k, v in sel.state.items():
+        if k.startswith("mask/"):
+            np.testing.assert_array_equal(res.state[k], v)
