@@ -89,3 +89,58 @@ def test_memory_estimate_counts_the_regulariser_only_when_lambda_is_positive(h: 
                          for lam in (LAM, 0.0))
     masks = masks_from_zeros(build_from_state("lenet5", w, in_channels=1, num_classes=10), w)
     assert with_reg.extra_memory_bytes - without.extra_memory_bytes == masks_bytes(masks, itemsize=4) > 0
+
+
+def _reference_reapply(w: dict[str, np.ndarray], delta: dict[str, np.ndarray], masks: dict[str, np.ndarray],
+                       density: float) -> dict[str, np.ndarray]:
+    """The authors' server step in numpy: average, re-apply the previous mask, keep the
+    round(density·N) largest |w| over all masked layers (one global L1 threshold)."""
+    names = list(masks)
+    dense = {n: w[n].astype(np.float64) + delta[n] for n in names}
+    flat = np.concatenate([(dense[n] * masks[n]).ravel() for n in names])
+    keep = np.zeros(flat.size, dtype=bool)
+    keep[np.argsort(-np.abs(flat), kind="stable")[: round(density * flat.size)]] = True
+    out, at = {}, 0
+    for n in names:
+        out[n] = keep[at: at + dense[n].size].reshape(dense[n].shape)
+        at += dense[n].size
+    return out
+
+
+@pytest.mark.parametrize("reapply", [True, False])
+def test_reapply_mask_prunes_only_what_survived_the_previous_mask(h: Any, reapply: bool) -> None:
+    from strategies import build_strategy
+
+    s = build_strategy("feddip", {"T": 10, "reconfigure_every": 1, "reapply_mask": reapply})
+    base = h.weights_of("lenet5", seed=5)
+    ctx = h.context(1, 10)
+    w = s.initial_weights(base, ctx)  # round 0: ERK mask at density 0.5, pruned entries 0
+    names = masked_weight_names(build_from_state("lenet5", w, in_channels=1, num_classes=10))
+    before = {n: w[n] != 0 for n in names}
+    rng = np.random.default_rng(2)
+    # the dense mean delta: large at pruned coordinates, as error feedback makes them
+    delta = {k: (rng.standard_normal(v.shape) * (np.where(before[k], 0.01, 0.5) if k in before else 0.01))
+             .astype(np.float32) for k, v in w.items()}
+
+    res = s.aggregate(ctx, w, delta, {})
+
+    after = {n: res.state[f"mask/{n}"].astype(bool) for n in names}
+    regrown = sum(int((after[n] & ~before[n]).sum()) for n in names)
+    assert res.metrics["mask_regrown"] == regrown
+    for n in names:
+        np.testing.assert_array_equal(res.weights[n] != 0, after[n])
+    if reapply:
+        ref = _reference_reapply(w, delta, before, s.target_density(1, 10))
+        for n in names:
+            np.testing.assert_array_equal(after[n], ref[n], err_msg=n)
+            np.testing.assert_allclose(res.weights[n], np.where(ref[n], w[n] + delta[n], 0), rtol=1e-6)
+        assert regrown == 0  # pruned weights stay pruned
+    else:
+        assert regrown > 0  # today's default: error-fed coordinates come back
+
+
+def test_reapply_mask_must_be_a_boolean() -> None:
+    from strategies import build_strategy
+
+    with pytest.raises(ValueError, match="reapply_mask"):
+        build_strategy("feddip", {"reapply_mask": "yes"})
