@@ -173,7 +173,7 @@ def run(*, n: int | None, seed: int, jobs: int, work: Path, tests: tuple[str, ..
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.mutants", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a seeded sample of --sample mutants (~10 min)")
-    ap.add_argument("--sample", type=int, default=60, help="mutants tested with --quick (default 60)")
+    ap.add_argument("--sample", type=int, default=40, help="mutants tested with --quick (default 40)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
     ap.add_argument("--json", action="store_true", help="print the JSON instead of a table")
