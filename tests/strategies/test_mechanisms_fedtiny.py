@@ -142,3 +142,21 @@ def test_a_training_round_without_gradient_tops_leaves_the_masks_alone(h: Any) -
     for k, v in sel.state.items():
         if k.startswith("mask/"):
             np.testing.assert_array_equal(res.state[k], v)
+
+
+def test_gradient_tops_of_a_single_step_are_that_steps_gradient() -> None:
+    """Survivor of bench.mutants (the step count's floor of 1): after one backward, the
+    tops are exactly the largest |grad| at pruned positions, not a fraction of them."""
+    from strategies.fedtiny.ops import PrunedGradientTopK
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 5, bias=False)
+    mask = torch.from_numpy(np.random.default_rng(0).random((5, 6)) < 0.5)
+    with PrunedGradientTopK(model, {"weight": mask}, {"weight": 4}) as tops:
+        model(torch.randn(3, 6)).square().sum().backward()
+    idx, val = tops.result()["weight"]
+    g = model.weight.grad.flatten()
+    pruned = torch.nonzero(~mask.flatten()).flatten()
+    expect = pruned[torch.argsort(g[pruned].abs(), descending=True)[:4]]
+    assert idx.tolist() == expect.tolist()
+    torch.testing.assert_close(val, g[expect])
