@@ -7,7 +7,10 @@ and incremental regularisation, server half.
   pruned coordinates that learned locally under error feedback show up here); at a
   reconfiguration round (t = R, 2R, …) the mask is recomputed by **global** magnitude over
   the aggregated dense weights to density 1 − s_t, s_t = s_T + (s0 − s_T)(1 − t/T)³;
-  otherwise the mask is kept. The result is w⊙m: pruned coordinates exactly 0, which is
+  otherwise the mask is kept. With ``reapply_mask`` (the authors' code path,
+  EricLoong/feddip) the previous mask is applied to the averaged weights first, so global
+  magnitude only ever removes coordinates: what was pruned stays pruned (no regrowth).
+  The result is w⊙m: pruned coordinates exactly 0, which is
   how agents learn the mask.
 - The mask lives in the strategy state (``mask/<name>``, uint8): the aggregated dense
   weights are no longer zero at pruned positions, so they cannot tell it.
@@ -45,7 +48,8 @@ class FedDIP(Strategy):
 
     def __init__(self, *, T: int | None = None, s0: float = S0, sT: float = S_T,
                  reconfigure_every: int | None = None, lam_max: float = 1e-3, lam_steps: int = 20,
-                 error_feedback: bool = True, seed: int = SEED, server_lr: float = 1.0) -> None:
+                 error_feedback: bool = True, seed: int = SEED, server_lr: float = 1.0,
+                 reapply_mask: bool = False) -> None:
         if T is not None and T < 1:
             raise ValueError("T must be >= 1")
         if not (0.0 <= s0 < 1.0 and 0.0 <= sT < 1.0):
@@ -54,9 +58,12 @@ class FedDIP(Strategy):
             raise ValueError("reconfigure_every must be >= 1")
         if lam_max < 0 or lam_steps < 1 or server_lr <= 0:
             raise ValueError("need lam_max >= 0, lam_steps >= 1, server_lr > 0")
+        if not isinstance(reapply_mask, bool):
+            raise ValueError("reapply_mask must be true or false")
         self.T, self.s0, self.sT = T, s0, sT
         self.reconfigure_every, self.lam_max, self.lam_steps = reconfigure_every, lam_max, lam_steps
         self.error_feedback, self.seed, self.server_lr = error_feedback, seed, server_lr
+        self.reapply_mask = reapply_mask
 
     # ------------------------------------------------------------------ schedules
     def total_rounds(self, ctx_total: int) -> int:
@@ -102,16 +109,19 @@ class FedDIP(Strategy):
         dense, _ = apply_mean_delta(weights, mean_delta, {}, server_lr=self.server_lr, momentum=0.0)
         t = ctx.round
         reconfigured = self.is_reconfiguration(t, ctx.total_rounds)
-        changed = 0
+        changed = regrown = 0
         if reconfigured:
             import torch
 
             from pruning.masks import magnitude_masks
 
+            # reapply_mask: pruned coordinates enter the ranking at |0| and lose it
+            ranked = apply_np_masks(dense, masks) if self.reapply_mask else dense
             new_masks = {n: m.numpy() for n, m in magnitude_masks(
-                {n: torch.from_numpy(dense[n]) for n in names},
+                {n: torch.from_numpy(ranked[n]) for n in names},
                 self.target_density(t, ctx.total_rounds), scope="global").items()}
             changed = sum(int(np.count_nonzero(new_masks[n] != masks[n])) for n in names)
+            regrown = sum(int(np.count_nonzero(new_masks[n] & ~masks[n])) for n in names)
             masks = new_masks
         new = apply_np_masks(dense, masks)
         total = self.total_rounds(ctx.total_rounds)
@@ -120,7 +130,7 @@ class FedDIP(Strategy):
             "mask_density": sum(int(m.sum()) for m in masks.values()) / max(sum(m.size for m in masks.values()), 1),
             "target_density": self.target_density(t if reconfigured else self._last_reconfig(t, ctx.total_rounds),
                                                   ctx.total_rounds),
-            "reconfigured": int(reconfigured), "mask_changes": changed,
+            "reconfigured": int(reconfigured), "mask_changes": changed, "mask_regrown": regrown,
             "lam": self.lam(t, total),
         }
         new_state = {**masks_to_state(masks), "total_rounds": np.array([ctx.total_rounds], dtype=np.int64)}
