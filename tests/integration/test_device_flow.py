@@ -4,9 +4,9 @@ own PNGs (written here from Fashion-MNIST, one sub-folder per class), a federati
 evaluates on the agents' held-out splits only, the exported ONNX downloaded by the admin,
 and `fedslim-agent infer` classifying PNG files with it.
 
-Enrollment uses the shared token (`Cluster`'s FEDSLIM_ENROLLMENT_TOKEN); with per-device
-tokens the agents would instead be started with `--enrollment-token <one-time token>`
-issued by `fedslim-coordinator token create` (another part of issue 12)."""
+Enrollment is per device: the coordinator runs without a shared enrollment token, the
+operator issues one one-time token per device (`POST /v1/enrollment-tokens`, what
+`fedslim-coordinator enroll-token create` calls), and each agent enrolls with its own."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def _by_class(labels: np.ndarray, start: int, count: int) -> np.ndarray:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
+    c.env = {k: v for k, v in c.env.items() if k != "FEDSLIM_ENROLLMENT_TOKEN"}  # no shared token
     c.start_coordinator()
     yield c
     c.stop()
@@ -74,7 +75,9 @@ def test_device_with_its_own_pngs_trains_evaluates_and_infers(cluster: Cluster, 
     assert resp.status_code == 201, resp.text
     fid = resp.json()["id"]
     for i in range(2):
-        cluster.start_agent(i, 2, extra=["--data", str(folders[i])])
+        issued = cluster.http.post("/v1/enrollment-tokens", json={"expires_in_s": 600, "name": f"device-{i}"})
+        assert issued.status_code == 201, issued.text
+        cluster.start_agent(i, 2, extra=["--data", str(folders[i]), "--enrollment-token", issued.json()["token"]])
     cluster.wait(lambda: len(cluster.http.get("/v1/agents").json()) == 2, "enrollment")
 
     # Act: train two rounds
