@@ -187,9 +187,11 @@ class LevelsSpec(_Strict):
         description="fractions of each layer's channels, one per level, or 'auto'; without 1.0 no agent trains "
         "the whole model (every agent trains at most the widest level: uniform structured pruning)",
     )
+    # importance is the default: the best of the three in bench.budgets (docs/BENCHMARKS.md)
     rule: Literal["first", "importance", "rolling"] = Field(
-        "first", description="first: first-k channels (HeteroFL); importance: the k largest-L2 channels "
-        "(FjORD-style ordering); rolling: a window moving one channel per round (FedRolex)",
+        "importance", description="importance: the k largest-L2 channels of the current global model "
+        "(FjORD-style ordering; the default); first: first-k channels (HeteroFL); rolling: a window moving "
+        "one channel per round (FedRolex)",
     )
     min_batch: int = Field(8, ge=1, le=4096, description="the smallest batch a level must fit at")
     bn_calibration_samples: int = Field(

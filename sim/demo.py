@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one --memory-budget per agent, comma-separated ('none': unlimited), e.g. 8MB,8MB,none")
     p.add_argument("--skip-agents", default=None, help="client indices not to launch (the partition is unchanged)")
     p.add_argument("--levels", default=None, help="width levels: comma-separated widths (e.g. 1,0.75,0.5,0.25) or auto")
-    p.add_argument("--level-rule", default="first", choices=["first", "importance", "rolling"])
+    p.add_argument("--level-rule", default="importance", choices=["first", "importance", "rolling"])
     p.add_argument("--eval-samples", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="cap local steps (smoke tests)")
     p.add_argument("--deadline", type=float, default=600.0, help="round deadline in seconds")

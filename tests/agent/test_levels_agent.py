@@ -25,7 +25,7 @@ from sparse_kernels.reshape import apply_reshape
 from tests.federation_fixtures import run_to_completion, small_federation
 from tests.helpers import ADMIN, ENROLL
 
-LEVELS = {"widths": [1.0, 0.5, 0.25]}
+LEVELS = {"widths": [1.0, 0.5, 0.25], "rule": "first"}  # nested first-k: the residual test reads its rows
 
 
 def _task(level: int, cfg: dict[str, Any]) -> Task:
