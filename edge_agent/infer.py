@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.units import parse_size
+from edge_agent.units import parse_size, proc_status_bytes
 
 __all__ = ["InferError", "choose_model", "classify", "inference_peak", "load_inputs", "main", "read_csv_rows",
            "read_pnm"]
@@ -227,17 +227,6 @@ def _floats(text: str, channels: int, what: str) -> np.ndarray:
     return values
 
 
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def inference_peak(path: str, threads: int | None, batch: int = 1) -> int | None:
     """Measured peak rise of this process's resident set while `path` is loaded and runs
     one batch (Linux's VmHWM, reset first); None where the kernel cannot tell."""
@@ -246,11 +235,11 @@ def inference_peak(path: str, threads: int | None, batch: int = 1) -> int | None
             f.write("5")  # VmHWM := VmRSS
     except OSError:
         return None
-    base = _status_bytes("VmRSS")
+    base = proc_status_bytes("VmRSS")
     session = _session(path, threads)
     c, h, w = _input_shape(session)
     classify(session, np.zeros((batch, c, h, w), dtype=np.float32))
-    peak = _status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     del session
     return None if base is None or peak is None else max(0, peak - base)
 

@@ -1,11 +1,12 @@
-"""Memory sizes as people write them. Imports nothing but the standard library, so the
-torch-free inference path (`fedslim-agent infer --memory-limit`) can use it."""
+"""Memory sizes as people write them, and as Linux reports them for this process. Imports
+nothing but the standard library, so the torch-free inference path (`fedslim-agent infer
+--memory-limit`) can use it."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["MIB", "parse_size"]
+__all__ = ["MIB", "parse_size", "proc_status_bytes"]
 
 MIB = 2**20  # the unit of memory_budget_mb, of --memory-budget's "MB", of every report
 
@@ -37,3 +38,15 @@ def parse_size(text: str | int) -> int:
     if binary and not prefix:
         raise ValueError(f"cannot parse memory size {text!r}: 'i' needs a prefix such as KiB")
     return int(float(number) * 1024**power)
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (VmRSS, VmHWM, ...) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -10,26 +10,17 @@ import gc
 import sys
 import threading
 
+from edge_agent.units import proc_status_bytes
+
 __all__ = ["PeakMemoryMeter", "configure_allocator", "trim_heap"]
 
 # glibc mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-def _read_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def rss_bytes() -> int:
     """This process's resident set now, in bytes."""
-    rss = _read_status_kb("VmRSS")
+    rss = proc_status_bytes("VmRSS")
     if rss is not None:
         return rss
     import psutil  # lazy: only where /proc is missing
@@ -79,7 +70,7 @@ def _reset_hwm() -> bool:
             f.write("5")
     except OSError:
         return False
-    return _read_status_kb("VmHWM") is not None
+    return proc_status_bytes("VmHWM") is not None
 
 
 class PeakMemoryMeter:
@@ -113,7 +104,7 @@ class PeakMemoryMeter:
     def peak_rise_so_far(self) -> int:
         """Inside the block: the peak rise up to now (the re-check after the first steps)."""
         if self.method == "vmhwm":
-            hwm = _read_status_kb("VmHWM")
+            hwm = proc_status_bytes("VmHWM")
             if hwm is not None:
                 self.peak_bytes = max(self.peak_bytes, hwm)
         return self.peak_rise_bytes
@@ -123,7 +114,7 @@ class PeakMemoryMeter:
         trim_heap()
         if not self.force_sampling and _reset_hwm():
             self.method = "vmhwm"
-            self.baseline_bytes = _read_status_kb("VmRSS") or 0
+            self.baseline_bytes = proc_status_bytes("VmRSS") or 0
             self.peak_bytes = self.baseline_bytes
             return self
         import psutil  # lazy: only the fallback needs it
@@ -145,7 +136,7 @@ class PeakMemoryMeter:
 
     def __exit__(self, *exc: object) -> None:
         if self.method == "vmhwm":
-            self.peak_bytes = max(self.peak_bytes, _read_status_kb("VmHWM") or 0)
+            self.peak_bytes = max(self.peak_bytes, proc_status_bytes("VmHWM") or 0)
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
