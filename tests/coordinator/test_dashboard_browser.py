@@ -71,8 +71,14 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 def _text(driver: Any, css: str) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
+    for _ in range(5):  # the page replaces its nodes every refresh: a found node may go stale before it is read
+        try:
+            return " ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+        except StaleElementReferenceException:
+            time.sleep(0.05)
     return " ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
 
 
