@@ -73,13 +73,16 @@ class RoundUpdates:
     def shapes_for(self, level: int | None) -> dict[str, tuple[int, ...]]:
         """What an upload that trained `level` may carry (None: the whole model). Raises
         ValueError for a level the round does not have."""
+        slice_ = self._slice(level)
+        return self.shapes if slice_ is None else slice_shapes(self.shapes, slice_)
+
+    def _slice(self, level: int | None) -> Reshape | None:
+        """The slice an update of `level` covers (None: the whole model)."""
         if level is None:
-            return self.shapes
+            return None
         if not 0 <= level < max(len(self.levels), 1):
             raise ValueError(f"this round has {len(self.levels)} width levels; an update for level {level} has no place")
-        if not self.levels or not self.levels[level]:
-            return self.shapes  # the whole model
-        return slice_shapes(self.shapes, self.levels[level])
+        return self.levels[level] if self.levels and self.levels[level] else None
 
     def add(self, agent_id: str, delta: ModelDelta, num_samples: int, *, digest: str, nbytes: int,
             level: int | None = None) -> bool:
@@ -87,8 +90,7 @@ class RoundUpdates:
         `agent_id` is in."""
         if agent_id in self.folded:
             return False
-        self.shapes_for(level)  # a level the round does not have is refused before anything changes
-        slice_ = self.levels[level] if level is not None and self.levels and self.levels[level] else None
+        slice_ = self._slice(level)  # a level the round does not have is refused before anything changes
         weight = update_weight(self.spec, num_samples)
         if self.bound is not None:
             clipped, norm = clip_delta(delta, self.bound, skip_prefix=AUX_PREFIX)
