@@ -74,6 +74,13 @@ class TrainingConfig(_Strict):
     # Fraction of coordinates each agent uploads (top-k with error feedback); 1.0 = dense.
     upload_density: float = Field(1.0, gt=0, le=1)
     upload_values: ValueEncoding = "fp32"
+    # Top-k over each tensor (every layer sends its share) or over the whole model (the
+    # layers that moved most send more).
+    upload_scope: Literal["per_tensor", "global"] = "per_tensor"
+    # Local gradient clipping (DGC, Lin et al. 2018): each step's gradient L2 norm is cut
+    # to this before the optimiser step, so a few large steps cannot dominate a round's
+    # delta (and the top-k that is sent of it). None: no clipping.
+    clip_grad_norm: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     max_steps: int | None = Field(None, ge=1, description="cap on local steps (tests, smoke runs)")
 
 
@@ -231,6 +238,10 @@ class FederationCreate(_Strict):
     # rest is carried in a server residual); 1.0 sends every change exactly.
     download_density: float = Field(1.0, gt=0, le=1)
     download_values: ValueEncoding = "fp32"
+    # Density warm-up (DGC): the first N rounds exchange more coordinates both ways,
+    # density falling geometrically from 1 to upload_density / download_density
+    # (`sparse_kernels.warmup_density`), while the residuals are largest.
+    density_warmup_rounds: int = Field(0, ge=0, le=1000)
     memory_budget_mb: float | None = Field(None, gt=0, le=2**30,
                                            description="agents' training working-set budget in MiB (2^20 bytes)")
     # Uploads whose L2 norm exceeds this are rejected (a cheap defence against blow-ups).

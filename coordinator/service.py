@@ -46,7 +46,7 @@ from coordinator.exports import ExportCache
 from coordinator.isolation import Backoff
 from coordinator.levels import PlannedLevel, assign_level, plan_levels, task_levels
 from coordinator.metrics import Metrics
-from coordinator.protocol import FederationCreate, FederationStatus, Task, TaskDecline, UpdateReport
+from coordinator.protocol import FederationCreate, FederationStatus, Task, TaskDecline, TrainingConfig, UpdateReport
 from coordinator.round_metrics import round_metrics
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, BlobCache, FederationRow, RoundRow, Store, UpdateRow
@@ -55,7 +55,7 @@ from coordinator.uploads import upload_shapes, validate_upload
 from models.state import is_bn_stat
 from models.zoo import model_identity
 from pruning.levels import level_slices
-from sparse_kernels import MAX_MODEL_BYTES, decode
+from sparse_kernels import MAX_MODEL_BYTES, decode, warmup_density
 from sparse_kernels.npz import arrays_from_npz as _from_npz
 from sparse_kernels.npz import arrays_to_npz as _npz
 from sparse_kernels.patch import encode_model
@@ -301,7 +301,7 @@ class CoordinatorService:
         task = Task(
             federation_id=fed.id, round=row.round, model=cfg.model, in_channels=cfg.in_channels,
             num_classes=cfg.num_classes, image_size=cfg.image_size, model_version=row.base_version,
-            training=cfg.training,
+            training=_training_for_round(cfg, row.round),
             strategy=cfg.strategy.model_copy(update={
                 "params": {**cfg.strategy.params, **live.strategy.task_params(row.round, live.weights, live.state)}
             }),
@@ -641,7 +641,8 @@ class CoordinatorService:
             raise FederationFailed(f"round {row.round}: the aggregate is not finite in {', '.join(bad[:3])}")
         version = fed.model_version + 1
         cast = make_broadcast(fed.id, version, live.weights, live.state, result,
-                              density=cfg.download_density, values=cfg.download_values)
+                              density=warmup_density(cfg.download_density, row.round, cfg.density_warmup_rounds),
+                              values=cfg.download_values)
         state = {**result.state, **cast.residual}
         mode = cfg.data.evaluation_mode()
         evaluation = self.evaluator.evaluate(cfg, cast.weights) if mode != "federated" else None
@@ -743,3 +744,12 @@ def _model_identity(cfg: FederationCreate) -> dict[str, str]:
     identity = model_identity(cfg.model, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
                               image_size=cfg.image_size)
     return {"model_fingerprint": identity.fingerprint, "model_origin": identity.origin}
+
+
+def _training_for_round(cfg: FederationCreate, rnd: int) -> TrainingConfig:
+    """The task's training settings: the federation's, with round `rnd`'s upload density
+    under the density warm-up."""
+    if not cfg.density_warmup_rounds:
+        return cfg.training
+    density = warmup_density(cfg.training.upload_density, rnd, cfg.density_warmup_rounds)
+    return cfg.training.model_copy(update={"upload_density": density})

@@ -105,7 +105,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
                     stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch,
                                          seed=seed * 100_003 + task.round, progress=progress,
                                          max_steps=cfg.max_steps, regularizer=hooks.regularizer,
-                                         after_step=after_step)
+                                         after_step=after_step, clip_grad_norm=cfg.clip_grad_norm)
                 else:
                     stats = TrainStats(loss=0.0, accuracy=0.0, samples=len(data), steps=0, seconds=0.0)
         except _OverBudget as over:
@@ -134,7 +134,8 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
             tensors = tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in change.items())
         else:
             tensors = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
-                                        min_dense_numel=SMALL_TENSOR, support=hooks.upload_support).tensors
+                                        scope=cfg.upload_scope, min_dense_numel=SMALL_TENSOR,
+                                        support=hooks.upload_support).tensors
     extra = tuple(SparseTensor.from_dense_nonzero(k, np.asarray(v, dtype=np.float32)) for k, v in aux.items())
     delta = ModelDelta(meta, tensors + extra)
     body = encode(delta, values=cfg.upload_values)

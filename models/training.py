@@ -59,8 +59,10 @@ def train_epochs(
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
     max_steps: int | None = None,
+    clip_grad_norm: float | None = None,
 ) -> TrainStats:
-    """Train for `epochs` passes (or `max_steps` steps); returns mean loss/accuracy."""
+    """Train for `epochs` passes (or `max_steps` steps); returns mean loss/accuracy.
+    `clip_grad_norm` cuts each step's gradient to that L2 norm (over all parameters)."""
     model.train()
     generator = torch.Generator().manual_seed(seed)
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
@@ -76,6 +78,8 @@ def train_epochs(
             total_loss = loss + regularizer(model) if regularizer else loss
             optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
             if after_step:
                 after_step()

@@ -63,6 +63,7 @@ def federation_config(args: argparse.Namespace) -> dict[str, Any]:
                  "eval_samples": args.eval_samples},
         "download_density": preset.get("download_density", 1.0),
         "download_values": preset.get("download_values", "fp32"),
+        "density_warmup_rounds": preset.get("density_warmup_rounds", 0),
     }
     if args.download_density is not None:
         config["download_density"] = args.download_density
@@ -71,7 +72,15 @@ def federation_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.levels:
         widths: Any = "auto" if args.levels == "auto" else [float(w) for w in args.levels.split(",")]
         config["levels"] = {"widths": widths, "rule": args.level_rule}
-    return config
+    return deep_merge(config, json.loads(args.config or "{}"))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override`'s keys put in, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def agent_budgets(args: argparse.Namespace) -> list[str | None]:
@@ -250,7 +259,7 @@ def format_table(results: dict[str, Any]) -> str:
         if key in final:
             lines.append(f"{key}: {final[key]}")
     if "ort_latency_ms" in final:
-        lines.append(f"ort_latency_ms: {json.dumps(final['ort_latency_ms'])}")
+        lines.append(latency_line(final))
     return "\n".join(lines)
 
 
@@ -297,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--upload-density", type=float, default=None, help="override the strategy's upload density")
     p.add_argument("--download-density", type=float, default=None)
+    p.add_argument("--config", default=None,
+                   help='JSON merged into the federation config last, e.g. \'{"training": {"clip_grad_norm": 5}}\'')
     p.add_argument("--memory-budget-mb", type=float, default=None, help="federation-wide agent memory budget in MiB")
     p.add_argument("--agent-memory-budget", default=None, help="per-agent --memory-budget, e.g. 200MB (= 200 MiB)")
     p.add_argument("--agent-budgets", default=None,
@@ -325,3 +336,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def latency_line(final: dict[str, Any]) -> str:
+    """ORT latency of the dense and the pruned export, interleaved, as medians with the
+    speed-up's 10th–90th percentile over the repeats and the load average they ran under."""
+    lat, spread = final["ort_latency_ms"], final.get("latency_speedup_spread") or {}
+    parts = []
+    for bs in sorted(lat.get("dense", {})):
+        ratio = lat["dense"][bs] / max(lat["pruned"][bs], 1e-9)
+        p = spread.get(bs)
+        parts.append(f"{bs} {lat['dense'][bs]:.3f} → {lat['pruned'][bs]:.3f} ms ({ratio:.2f}x"
+                     + (f", p10–p90 {p[0]:.2f}–{p[2]:.2f}x" if p else "") + ")")
+    load = (final.get("load_average") or {}).get("before")
+    return "ORT latency, interleaved, median: " + "; ".join(parts) + (f" · load average {load[0]:.2f}" if load else "")

@@ -46,6 +46,8 @@ def export_final(args: argparse.Namespace, out: Path, final_model: bytes) -> dic
         "macs_fraction": report["pruned_macs"] / report["dense_macs"],
         "parity_max_abs_diff": report["parity_max_abs_diff"],
         "ort_latency_ms": report["ort_latency_ms"],
+        "latency_speedup_spread": report.get("latency_speedup_spread", {}),
+        "load_average": report.get("load_average", {}),
         "onnx_accuracy": report["accuracy"].get("pruned"),
         "export_report": str(report_path),
     }

@@ -18,7 +18,7 @@ from sparse_kernels.errors import (
 )
 from sparse_kernels.patch import apply_delta, encode_model, model_values, round_for_broadcast
 from sparse_kernels.reshape import Reshape, apply_reshape, decode_reshape, encode_reshape
-from sparse_kernels.select import SMALL_TENSOR, ErrorFeedback, select_topk, topk_mask
+from sparse_kernels.select import SMALL_TENSOR, ErrorFeedback, select_topk, topk_mask, warmup_density
 from sparse_kernels.types import MAX_MODEL_BYTES, DeltaMeta, ModelDelta, SparseTensor, Weights
 
 __all__ = [
@@ -55,4 +55,5 @@ __all__ = [
     "round_for_broadcast",
     "select_topk",
     "topk_mask",
+    "warmup_density",
 ]

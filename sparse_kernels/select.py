@@ -17,13 +17,25 @@ from sparse_kernels._values import quantize_values
 from sparse_kernels.errors import NonFiniteValues
 from sparse_kernels.types import DeltaMeta, ModelDelta, SparseTensor
 
-__all__ = ["SMALL_TENSOR", "ErrorFeedback", "select_topk", "topk_mask"]
+__all__ = ["SMALL_TENSOR", "ErrorFeedback", "select_topk", "topk_mask", "warmup_density"]
 
 # Tensors up to this size (biases, BN vectors) travel whole both ways: top-k on them saves
 # a few bytes and starves the layers that need every coordinate.
 SMALL_TENSOR = 1024
 
 Scope = Literal["per_tensor", "global"]
+
+
+def warmup_density(target: float, rnd: int, warmup_rounds: int) -> float:
+    """Density of round `rnd` (1-based) under DGC's warm-up: geometric from 1 towards
+    `target` over the first `warmup_rounds` rounds (target^(rnd/(W+1))), `target` after.
+    DGC raises sparsity exponentially over its first epochs (75 %, 93.75 %, ...) because
+    early updates are large and the residual would otherwise carry most of them."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target density must be in (0, 1], got {target}")
+    if warmup_rounds <= 0 or rnd > warmup_rounds or target >= 1:
+        return target
+    return float(target ** (max(rnd, 1) / (warmup_rounds + 1)))
 
 
 def topk_mask(arr: np.ndarray, k: int) -> np.ndarray:

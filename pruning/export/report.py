@@ -2,7 +2,9 @@
 
 Latency is measured side by side in one process: every repeat runs each candidate once,
 in turn (dense, pruned, int8…), so that load from other processes hits all of them alike;
-we report the median of the repeats after a warm-up. ORT sessions use ORT_ENABLE_ALL and
+we report the median of the repeats after a warm-up, the 10th–90th percentile spread, the
+speed-up as the median of the per-repeat ratios (each from one pair run back to back)
+and the load average around the timing, so that a reader can judge the machine. ORT sessions use ORT_ENABLE_ALL and
 a fixed intra-op thread count; PyTorch eager runs under `torch.inference_mode` with the
 same `torch.set_num_threads`.
 """
@@ -10,6 +12,7 @@ same `torch.set_num_threads`.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -29,7 +32,7 @@ from models.datasets import ImageDataset
 from models.transforms import to_tensor
 from pruning.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, make_session
 
-__all__ = ["BATCH_SIZES", "ExportReport", "build_report", "measure_interleaved"]
+__all__ = ["BATCH_SIZES", "ExportReport", "build_report", "measure_interleaved", "time_interleaved"]
 
 BATCH_SIZES = {"bs1": 1, "bs64": 64}
 # A MACs cut of at least this fraction should show up as at least this latency gain.
@@ -65,6 +68,11 @@ class ExportReport:
     repeats: int
     pruned_widths: dict[str, int]  # out channels of every Conv2d/Linear of the pruned model
     int8: dict[str, Any] | None = None
+    # 10th and 90th percentile of the repeats, same layout as ort_latency_ms
+    ort_latency_spread_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # per batch size: [p10, median, p90] of dense/pruned over the repeats (pairs run back to back)
+    latency_speedup_spread: dict[str, list[float]] = field(default_factory=dict)
+    load_average: dict[str, list[float]] = field(default_factory=dict)  # {"before": [1, 5, 15 min], "after": ...}
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -88,9 +96,14 @@ class ExportReport:
             ("ONNX bytes", f"{self.file_bytes['dense']:,}", f"{self.file_bytes['pruned']:,}",
              f"{self.file_bytes['dense'] / max(self.file_bytes['pruned'], 1):.2f}x"),
         ]
+        spread, ratio = self.ort_latency_spread_ms, self.latency_speedup_spread
         for bs in BATCH_SIZES:
-            rows.append((f"ORT ms {bs}", f"{lat['dense'][bs]:.3f}", f"{lat['pruned'][bs]:.3f}",
-                         f"{self.latency_speedup[bs]:.2f}x"))
+            def ms(k: str, bs: str = bs) -> str:
+                p = spread.get(k, {}).get(bs)
+                return f"{lat[k][bs]:.3f}" + (f" ({p[0]:.3f}–{p[1]:.3f})" if p else "")
+            r = ratio.get(bs)
+            rows.append((f"ORT ms {bs}", ms("dense"), ms("pruned"),
+                         f"{self.latency_speedup[bs]:.2f}x" + (f" ({r[0]:.2f}–{r[2]:.2f})" if r else "")))
         for bs in BATCH_SIZES:
             rows.append((f"eager ms {bs}", f"{eag['dense'][bs]:.3f}", f"{eag['pruned'][bs]:.3f}",
                          f"{eag['dense'][bs] / eag['pruned'][bs]:.2f}x"))
@@ -107,9 +120,11 @@ class ExportReport:
                          f"{q['speedup_vs_pruned_fp32']['bs64']:.2f}x vs fp32"))
             rows.append(("int8 accuracy", "", acc(q.get("accuracy")), f"{q['file_bytes']:,} B"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        load = self.load_average.get("before")
         lines = [
             f"{self.model} {tuple(self.input_shape)} → {self.onnx_path} (opset {self.opset}, "
-            f"{self.exporter}, {self.threads} intra-op threads, median of {self.repeats})"
+            f"{self.exporter}, {self.threads} intra-op threads, median (p10–p90) of {self.repeats} "
+            f"interleaved repeats" + (f", load average {load[0]:.2f}" if load else "") + ")"
         ]
         lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                   for r in rows]
@@ -117,10 +132,11 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def measure_interleaved(
+def time_interleaved(
     candidates: Mapping[str, Callable[[], object]], *, warmup: int, repeats: int
-) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, timed in turn within every repeat."""
+) -> dict[str, list[float]]:
+    """Milliseconds of every call of each candidate, timed in turn within every repeat
+    (repeat i of one candidate ran right next to repeat i of the others)."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -130,7 +146,19 @@ def measure_interleaved(
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def measure_interleaved(
+    candidates: Mapping[str, Callable[[], object]], *, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, timed in turn within every repeat."""
+    return {k: statistics.median(v) for k, v in time_interleaved(candidates, warmup=warmup, repeats=repeats).items()}
+
+
+def percentiles(xs: list[float], qs: tuple[float, ...]) -> list[float]:
+    """Linear-interpolated percentiles (0–100) of `xs`."""
+    return [float(np.percentile(np.asarray(xs, dtype=np.float64), q)) for q in qs]
 
 
 def build_report(
@@ -192,13 +220,20 @@ def build_report(
                          "calibration_samples": len(calib_x)}
 
         ort_ms: Timings = {k: {} for k in sessions}
+        ort_spread: dict[str, dict[str, list[float]]] = {k: {} for k in sessions}
+        speedup_spread: dict[str, list[float]] = {}
+        load_before = list(os.getloadavg())
         for bs, x in batches.items():
             feed = {INPUT_NAME: x.numpy()}
-            timed = measure_interleaved(
+            timed = time_interleaved(
                 {k: partial(s.run, [OUTPUT_NAME], feed) for k, s in sessions.items()},
                 warmup=warmup, repeats=repeats)
             for k, v in timed.items():
-                ort_ms[k][bs] = v
+                ort_ms[k][bs] = statistics.median(v)
+                ort_spread[k][bs] = percentiles(v, (10, 90))
+            pair_ratios = [d / max(p, 1e-9) for d, p in zip(timed["dense"], timed["pruned"], strict=True)]
+            speedup_spread[bs] = percentiles(pair_ratios, (10, 50, 90))
+        load_after = list(os.getloadavg())
         eager_ms = _eager_latency({"dense": dense_model, "pruned": pruned_model}, batches,
                                   threads=threads, warmup=warmup, repeats=repeats)
         accuracy: dict[str, float | None] = {"dense": None, "pruned": None}
@@ -245,6 +280,9 @@ def build_report(
         repeats=repeats,
         pruned_widths=_widths(pruned_model),
         int8=int8_info,
+        ort_latency_spread_ms={k: v for k, v in ort_spread.items() if k != "int8"},
+        latency_speedup_spread=speedup_spread,
+        load_average={"before": load_before, "after": load_after},
         versions={"torch": torch.__version__, "onnxruntime": ort.__version__},
     )
     report.warnings.extend(_warnings(report))

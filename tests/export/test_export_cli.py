@@ -52,6 +52,11 @@ def test_report_has_the_promised_keys_and_sane_values(exported):
         assert all(v > 0 for v in report["ort_latency_ms"][kind].values())
         assert all(v > 0 for v in report["torch_latency_ms"][kind].values())
         assert 0.0 <= report["accuracy"][kind] <= 1.0
+        for bs, (p10, p90) in report["ort_latency_spread_ms"][kind].items():  # the median inside its spread
+            assert p10 <= report["ort_latency_ms"][kind][bs] <= p90
+    for bs, (p10, mid, p90) in report["latency_speedup_spread"].items():
+        assert 0 < p10 <= mid <= p90
+    assert len(report["load_average"]["before"]) == 3 and len(report["load_average"]["after"]) == 3
     assert report["eval_samples"] == 200
     assert report["opset"] >= 17
     assert (tmp / "model.onnx").stat().st_size == report["file_bytes"]["pruned"]
