@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.errors import NotFound
+from coordinator.errors import NotFound, StaleUpdate
 from coordinator.protocol import EnrollRequest, FederationCreate, Task, TaskDecline
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
@@ -203,8 +203,13 @@ class SimEngine:
                                           TaskDecline(reason=result.decline_reason, needed_bytes=result.needed_bytes))
                 continue
             assert result.report is not None
-            self.service.check_upload(agent, task.federation_id, task.round, _SIM_IP)
-            self.service.submit_update(agent, task.federation_id, task.round, result.body, result.report)
+            try:
+                self.service.check_upload(agent, task.federation_id, task.round, _SIM_IP)
+                self.service.submit_update(agent, task.federation_id, task.round, result.body, result.report)
+            except StaleUpdate as exc:  # the round's deadline passed while it trained: late, as an agent would be
+                log.warning("round %d: client %d's update is late: %s", task.round, result.index, exc)
+                self._skipped.setdefault((task.round, attempt), set()).add(agent.id)
+                continue
             self.residuals.put(result.index, result.residual)
 
     # ------------------------------------------------------------------ downloads
