@@ -69,9 +69,9 @@ SETTINGS = [
         id="autoflip", paper="AutoFLIP (Internò et al., 2024)",
         claim="−48.8 % compute and −35.5 % communication, better accuracy under strong non-IID splits",
         method="autoflip",
-        args=["--model", "fedavg_cnn", "--clients", "20", "--per-round", "5", "--epochs", "5", "--rounds", "12",
+        args=["--model", "fedavg_cnn", "--clients", "20", "--per-round", "5", "--epochs", "5", "--rounds", "8",
               "--config", json.dumps({"data": {"partition": "shards:2"}})],
-        reduced="12 rounds (paper: 200); 2 classes per client (shards), 20 clients, 25 % per round, 5 local "
+        reduced="8 rounds (paper: 200); 2 classes per client (shards), 20 clients, 25 % per round, 5 local "
                 "epochs as the paper; exploration: its scouts in round 1",
         check="AutoFLIP sends fewer bytes per round than FedAvg at no lower accuracy (≤ 1 point)",
         holds=lambda m, f: m["mb_per_round"] < f["mb_per_round"] and m["final_accuracy"] >= f["final_accuracy"] - 0.01,
@@ -82,7 +82,7 @@ SETTINGS = [
         claim="+2.61 % accuracy vs the state of the art, −95.91 % compute, strongest at ≈ 1 % density",
         method="fedtiny",
         args=["--model", "resnet20", "--clients", "10", "--per-round", "5", "--epochs", "1", "--max-steps", "40",
-              "--rounds", "10", "--alpha", "0.5"],
+              "--rounds", "10", "--alpha", "0.5", "--eval-samples", "2000"],
         method_args=["--strategy-params", json.dumps({"density": 0.1})],
         reduced="ResNet-20 (BN: adaptive BN selection runs) on Fashion-MNIST; 10 rounds of ≤ 40 local steps "
                 "(paper: 5 local epochs, T_end 100–300)",
@@ -95,7 +95,7 @@ SETTINGS = [
         claim="strongest at extreme sparsity (≈ 1 % density)",
         method="fedtiny",
         args=["--model", "resnet20", "--clients", "10", "--per-round", "5", "--epochs", "1", "--max-steps", "40",
-              "--rounds", "10", "--alpha", "0.5"],
+              "--rounds", "10", "--alpha", "0.5", "--eval-samples", "2000"],
         method_args=["--strategy-params", json.dumps({"density": 0.01})],
         reduced="as fedtiny-10, at 1 % density",
         check="FedTiny at 1 % density learns (accuracy ≥ 2× chance) and loses less than 15 points to dense",
@@ -108,7 +108,7 @@ SETTINGS = [
               "on non-IID data",
         method="dynamic",
         args=["--model", "resnet32", "--clients", "10", "--per-round", "5", "--epochs", "1", "--max-steps", "40",
-              "--rounds", "10", "--alpha", "0.1", "--lr", "0.01"],
+              "--rounds", "10", "--alpha", "0.1", "--lr", "0.01", "--eval-samples", "2000"],
         reduced="ResNet-32 on Fashion-MNIST (CIFAR-10 cannot be downloaded here; `--dataset cifar10 --data-dir` "
                 "runs it where the batches are), Dirichlet 0.1, lr 0.01, batch 64 as the paper; 10 rounds of "
                 "≤ 40 local steps",
