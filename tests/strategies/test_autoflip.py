@@ -124,7 +124,7 @@ def test_every_exploration_round_counts_not_only_the_last(h: Any) -> None:
     for big_first in (True, False):
         ds = _displacements(w0, rng, 2, 0.01)
         for d in ds:
-            for n, v in d.items():
+            for v in d.values():
                 flat = v.reshape(-1)
                 half = slice(0, flat.size // 2) if big_first else slice(flat.size // 2, None)
                 flat[half] *= 10.0 if big_first else 3.0
