@@ -61,7 +61,7 @@ class RoundContext:
     image_size: int | None
     participants: int
     # Weighted mean of the squared deltas, for strategies with `wants_second_moment`
-    # (AutoFLIP's guidance scores); None otherwise.
+    # (none at present: AutoFLIP's scouts upload their squares as aux); None otherwise.
     mean_sq_delta: Weights | None = None
     # Sample-weighted means of the auxiliary tensors the agents uploaded (names from
     # `Strategy.aux_shapes`, "aux/..."): statistics that are not model deltas.
