@@ -114,7 +114,8 @@ class AutoFLIP(Strategy):
         names = scored_names(weights)
         guide = {k.removeprefix(GUIDE_PREFIX): v for k, v in state.items() if k.startswith(GUIDE_PREFIX)}
         metrics: dict[str, Any] = {"setup": 1, "explore": 1, "pruned_now": 0}
-        if all(sq_key(n) in ctx.aux for n in names):  # a round without scouts adds nothing
+        # a round without scouts adds nothing (the service's mean of no upload is all zeros)
+        if ctx.participants > 0 and all(sq_key(n) in ctx.aux for n in names):
             guide = accumulate_guidance(guide, {n: ctx.aux[sq_key(n)] for n in names})
             metrics.update({f"explore_{k}": float(ctx.aux[work_key(k)][0]) for k in WORK_KEYS
                             if work_key(k) in ctx.aux})

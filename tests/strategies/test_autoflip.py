@@ -176,9 +176,14 @@ def test_task_params_and_aux_uploads_follow_the_phase(h: Any) -> None:
 
 
 def test_a_round_without_scouts_never_prunes_blindly(h: Any) -> None:
-    # Kills: pruning by all-zero guidance (an arbitrary 30%) when no scout reported.
+    # Kills: pruning by all-zero guidance (an arbitrary 30%) when no scout reported (the
+    # service's mean over no upload is zeros of every aux shape).
+    w = h.weights_of()
+    s = AutoFLIP()
+    ctx = dataclasses.replace(h.context(1, 5, participants=0),
+                              aux={k: np.zeros(v, np.float32) for k, v in s.aux_shapes(1, w, {}).items()})
     with pytest.raises(ValueError, match="no scout"):
-        AutoFLIP().aggregate(h.context(1, 5, participants=0), h.weights_of(), {}, {})
+        s.aggregate(ctx, w, {}, {})
 
 
 # ------------------------------------------------------------------ agent: the scout
