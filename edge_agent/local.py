@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -102,10 +103,11 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
                 if hooks.train:
                     after_step = hooks.after_step if budget is None else _rechecked(
                         hooks.after_step, meter, budget, can_shrink=batch > MIN_BATCH)
-                    stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch,
-                                         seed=seed * 100_003 + task.round, progress=progress,
-                                         max_steps=cfg.max_steps, regularizer=hooks.regularizer,
-                                         after_step=after_step, clip_grad_norm=cfg.clip_grad_norm)
+                    # the strategy's own loop (AutoFLIP's scouts) or the plain one, clipped as configured
+                    fit = hooks.fit or partial(train_epochs, clip_grad_norm=cfg.clip_grad_norm)
+                    stats = fit(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch,
+                                seed=seed * 100_003 + task.round, progress=progress,
+                                max_steps=cfg.max_steps, regularizer=hooks.regularizer, after_step=after_step)
                 else:
                     stats = TrainStats(loss=0.0, accuracy=0.0, samples=len(data), steps=0, seconds=0.0)
         except _OverBudget as over:
@@ -127,7 +129,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
     meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
                      num_samples=stats.samples, kind="delta")
     tensors: tuple[SparseTensor, ...] = ()  # statistics only: the residual waits for a training round
-    if hooks.train:
+    if hooks.train and hooks.upload_delta:
         local = to_numpy_state(model)
         change = {k: local[k] - weights[k] for k in weights}
         if cfg.upload_density >= 1.0 and cfg.upload_values == "fp32":
@@ -138,7 +140,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
                                         support=hooks.upload_support).tensors
     extra = tuple(SparseTensor.from_dense_nonzero(k, np.asarray(v, dtype=np.float32)) for k, v in aux.items())
     delta = ModelDelta(meta, tensors + extra)
-    body = encode(delta, values=cfg.upload_values)
+    body = encode(delta, values=hooks.upload_values or cfg.upload_values)
     report = UpdateReport(
         num_samples=max(stats.samples, 1), train_loss=float(np.nan_to_num(stats.loss, nan=1e9, posinf=1e9)),
         train_accuracy=stats.accuracy, train_seconds=time.perf_counter() - start,

@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # the agent contract's types; importing this module needs no 
     from torch import nn
 
     from models.datasets import ImageDataset
+    from models.training import TrainStats
+    from sparse_kernels.codec import ValueMode
 
 __all__ = [
     "AUX_PREFIX",
@@ -59,7 +61,7 @@ class RoundContext:
     image_size: int | None
     participants: int
     # Weighted mean of the squared deltas, for strategies with `wants_second_moment`
-    # (AutoFLIP's guidance scores); None otherwise.
+    # (none at present: AutoFLIP's scouts upload their squares as aux); None otherwise.
     mean_sq_delta: Weights | None = None
     # Sample-weighted means of the auxiliary tensors the agents uploaded (names from
     # `Strategy.aux_shapes`, "aux/..."): statistics that are not model deltas.
@@ -120,6 +122,15 @@ class LocalHooks:
     upload_support: dict[str, np.ndarray] | None = None
     # False for statistics-only rounds (FedTiny's candidate selection): no training, no delta
     train: bool = True
+    # replaces `models.training.train_epochs` (same arguments) for this task: AutoFLIP's
+    # scouts train their own epochs with early stopping on a validation split
+    fit: Callable[..., TrainStats] | None = None
+    # False: the training is a probe whose delta stays home (AutoFLIP's scouts upload their
+    # displacement as aux statistics); the error-feedback residual is left untouched
+    upload_delta: bool = True
+    # the upload's value mode instead of the task's (None: the task's): statistics whose
+    # range fp16/int8 cannot hold, such as squared displacements of 1e-9, go up as fp32
+    upload_values: ValueMode | None = None
     # called after training: auxiliary tensors to upload ("aux/<name>" → array)
     aux: Callable[[], dict[str, np.ndarray]] | None = None
     # training memory the hooks hold beyond the plain model's working set, in bytes (masks,
