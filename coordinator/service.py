@@ -22,7 +22,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 
 from coordinator import rounds as rules
 from coordinator.admission import check_federation
+from coordinator.labelled import load_labelled_set
 from coordinator.aggregation import RoundUpdates, clip_bound
 from coordinator.auth import Auth
 from coordinator.broadcast import RESIDUAL_PREFIX, make_broadcast, round_for_broadcast
@@ -156,6 +157,9 @@ class CoordinatorService:
                 self.evaluator.test_data(config)  # the data must load now, not at round 1's close
             weights = self.evaluator.initial_weights(config)
             ctx = self._context(config, 0, 0)
+            request = strategy.labelled_set()
+            if request is not None:  # FedTiny's pre-training set: a bad path is refused here
+                ctx = replace(ctx, labelled=load_labelled_set(config, request, self.evaluator.input_shape(config)))
             weights = round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
         except (ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:  # RuntimeError: torch
             raise BadRequest(f"federation config refused: {str(exc)[:500]}") from None
