@@ -152,6 +152,12 @@ class LocalHooks:
     # the same for a plan that freezes these parameter names (None: independent of it);
     # frozen layers save no masked copy for backward and get no gradient buffers
     extra_memory_frozen: Callable[[tuple[str, ...]], int] | None = None
+    # the optimizer to train with instead of torch.optim.SGD: (trainable params, lr, momentum,
+    # weight decay) → optimizer; FedTiny's KeptSGD keeps momentum at kept coordinates only
+    optimizer: Callable[[list[torch.nn.Parameter], float, float, float], torch.optim.Optimizer] | None = None
+    # that optimizer's state in bytes for a plan freezing these names, with momentum or not
+    # (None: the estimate's dense count, one parameter-sized buffer per slot)
+    optimizer_bytes: Callable[[tuple[str, ...], bool], int] | None = None
 
 
 def _numel(t: Any) -> int:

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
     from models.memory import OptimizerName
 
-__all__ = ["Estimate", "TrainingPlan", "Units", "plan_training", "plan_within", "shrunk_batch", "with_hooks"]
+__all__ = ["Estimate", "TrainingPlan", "Units", "plan_training", "plan_within", "shrunk_batch", "with_hooks",
+           "with_optimizer_state"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,16 @@ def with_hooks(estimate: Estimate, hooks_bytes: int | Callable[[tuple[str, ...]]
     return estimate_with_hooks
 
 
+def with_optimizer_state(estimate: Estimate, optimizer_bytes: Callable[[tuple[str, ...]], int]) -> Estimate:
+    """`estimate` with the optimizer state the hooks' own optimizer holds (FedTiny's KeptSGD:
+    momentum at kept coordinates only) instead of the dense count of its slots."""
+
+    def estimate_with_state(batch: int, frozen: tuple[str, ...]) -> MemoryEstimate:
+        return replace(estimate(batch, frozen), optimizer_bytes=optimizer_bytes(frozen))
+
+    return estimate_with_state
+
+
 def shrunk_batch(batch: int, measured_bytes: int, budget_bytes: int, *, min_batch: int = 4) -> int | None:
     """The re-plan after the first steps: half the batch (never below `min_batch`) when the
     measured peak is over the budget; None when it is within, or the batch cannot shrink."""
@@ -72,6 +83,7 @@ def plan_training(
     optimizer: OptimizerName = "sgd_momentum",
     allow_freeze: bool = True,
     hooks_bytes: int | Callable[[tuple[str, ...]], int] = 0,
+    optimizer_bytes: Callable[[tuple[str, ...]], int] | None = None,
 ) -> TrainingPlan:
     """Plan one agent's local training within `budget_bytes` of working set.
 
@@ -84,6 +96,8 @@ def plan_training(
 
     hooks_bytes: the strategy's own training memory (`LocalHooks.extra_memory_bytes`),
     added to every estimate (it does not shrink with the batch or with freezing).
+    optimizer_bytes: the optimizer state of the hooks' own optimizer per frozen set
+    (`LocalHooks.optimizer_bytes`), replacing the estimate's dense count.
     """
     from models.memory import estimate_training_memory, freeze_units
 
@@ -104,7 +118,10 @@ def plan_training(
             return estimate_training_memory(model, input_shape, batch, optimizer=optimizer, trainable=trainable,
                                             device="cpu")
 
-    return plan_within(budget_bytes, with_hooks(estimate, hooks_bytes),
+    planned = with_hooks(estimate, hooks_bytes)
+    if optimizer_bytes is not None:
+        planned = with_optimizer_state(planned, optimizer_bytes)
+    return plan_within(budget_bytes, planned,
                        lambda: freeze_units(model, input_shape, device=device[0]),
                        batch_sizes=batch_sizes,
                        preferred_batch=preferred_batch, allow_freeze=allow_freeze)

@@ -4,8 +4,9 @@
   statistics per candidate on local data (forward passes only), upload them; no training.
 - phase "select": evaluate each candidate with the averaged BN statistics from the task,
   upload the mean losses; no training.
-- phase "train": the global model's zeros are the mask; re-apply it after every step and
-  upload only kept coordinates. When the task asks for growth, keep the top-n |grad| at
+- phase "train": the global model's zeros are the mask; train with `KeptSGD` (updates and
+  momentum at kept coordinates only, so the mask holds without re-masking and no dense
+  momentum buffer is held) and upload only kept coordinates. When the task asks for growth, keep the top-n |grad| at
   pruned positions of the named layers over the epoch (O(n) state, `PrunedGradientTopK`)
   and upload them as ``aux/grow/<layer>``.
 """
@@ -31,6 +32,7 @@ from strategies.fedtiny.ops import (
     pool_from_state,
     recalibrate_bn,
 )
+from strategies.fedtiny.sparse_sgd import KeptSGD, kept_sgd_state_bytes
 
 __all__ = ["fedtiny_hooks"]
 _STATS_BATCH = 64
@@ -47,14 +49,21 @@ def fedtiny_hooks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
         return LocalHooks(train=False, aux=lambda: stats(model, pool, data, bn))
     masks = {n: torch.from_numpy(np.asarray(weights[n]) != 0) for n in fedtiny_weight_names(model)}
     apply_masks(model, masks)
+    named = dict(model.named_parameters())
+    by_param = {id(named[n]): m for n, m in masks.items()}
 
-    def after_step() -> None:
-        apply_masks(model, masks)
+    def optimizer(trainable: list[nn.Parameter], lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+        # updates (and momentum) at kept coordinates only: the mask holds without re-masking
+        return KeptSGD(trainable, masks=by_param, lr=lr, momentum=momentum, weight_decay=wd)
+
+    def optimizer_bytes(frozen: tuple[str, ...], momentum: bool) -> int:
+        trains = {n: p for n, p in named.items() if n not in frozen and p.requires_grad}
+        return kept_sgd_state_bytes(trains, masks, momentum=momentum)
 
     grow = {n: int(k) for n, k in params.get("grow", {}).items()}
-    # the boolean masks, and apply_masks' float copy of one mask after each step
-    extra = masks_bytes(masks) + largest_bytes(masks)
-    hooks = LocalHooks(after_step=after_step, upload_support={n: m.numpy() for n, m in masks.items()})
+    extra = masks_bytes(masks)  # the boolean masks (the upload's support, the tops' pruned positions)
+    hooks = LocalHooks(optimizer=optimizer, optimizer_bytes=optimizer_bytes,
+                       upload_support={n: m.numpy() for n, m in masks.items()})
     if grow:
         tops = _TrainableTops(model, masks, grow)
         hooks.context = tops
