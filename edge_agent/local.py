@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -85,9 +86,8 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         hooks = hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
         plan = None
         if budget is not None:
-            state_bytes = hooks.optimizer_bytes
-            own = {} if state_bytes is None else {  # the hooks' optimizer: its own state, not the dense count
-                "optimizer_bytes": lambda frozen, f=state_bytes: f(frozen, bool(cfg.momentum))}
+            own = {} if hooks.optimizer_memory is None else {  # the hooks' optimizer: what it holds
+                "optimizer_memory": partial(_with_momentum, hooks.optimizer_memory, bool(cfg.momentum))}
             plan = planner(model, data.input_shape, budget, preferred_batch=batch_size or cfg.batch_size,
                            optimizer="sgd_momentum" if cfg.momentum else "sgd",
                            hooks_bytes=hooks.extra_memory_frozen or hooks.extra_memory_bytes, **own)
@@ -150,6 +150,11 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         peak_rss_bytes=meter.baseline_bytes + meter.peak_rise_bytes,
     )
     return LocalResult(body, report, delta, replans)
+
+
+def _with_momentum(memory: Callable[[tuple[str, ...], bool], tuple[int, int]], momentum: bool,
+                   frozen: tuple[str, ...]) -> tuple[int, int]:
+    return memory(frozen, momentum)
 
 
 def _sgd(params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -155,9 +155,10 @@ class LocalHooks:
     # the optimizer to train with instead of torch.optim.SGD: (trainable params, lr, momentum,
     # weight decay) → optimizer; FedTiny's KeptSGD keeps momentum at kept coordinates only
     optimizer: Callable[[list[torch.nn.Parameter], float, float, float], torch.optim.Optimizer] | None = None
-    # that optimizer's state in bytes for a plan freezing these names, with momentum or not
-    # (None: the estimate's dense count, one parameter-sized buffer per slot)
-    optimizer_bytes: Callable[[tuple[str, ...], bool], int] | None = None
+    # (gradient bytes, optimizer state bytes) that optimizer holds at once for a plan freezing
+    # these names, with momentum or not (None: the estimate's dense counts: one gradient and
+    # one buffer per slot per trainable parameter)
+    optimizer_memory: Callable[[tuple[str, ...], bool], tuple[int, int]] | None = None
 
 
 def _numel(t: Any) -> int:

@@ -55,12 +55,13 @@ def with_hooks(estimate: Estimate, hooks_bytes: int | Callable[[tuple[str, ...]]
     return estimate_with_hooks
 
 
-def with_optimizer_state(estimate: Estimate, optimizer_bytes: Callable[[tuple[str, ...]], int]) -> Estimate:
-    """`estimate` with the optimizer state the hooks' own optimizer holds (FedTiny's KeptSGD:
-    momentum at kept coordinates only) instead of the dense count of its slots."""
+def with_optimizer_state(estimate: Estimate, optimizer_memory: Callable[[tuple[str, ...]], tuple[int, int]]) -> Estimate:
+    """`estimate` with the (gradients, optimizer state) bytes the hooks' own optimizer holds
+    (FedTiny's KeptSGD: both at kept coordinates only) instead of the dense counts."""
 
     def estimate_with_state(batch: int, frozen: tuple[str, ...]) -> MemoryEstimate:
-        return replace(estimate(batch, frozen), optimizer_bytes=optimizer_bytes(frozen))
+        grads, state = optimizer_memory(frozen)
+        return replace(estimate(batch, frozen), grads_bytes=grads, optimizer_bytes=state)
 
     return estimate_with_state
 
@@ -83,7 +84,7 @@ def plan_training(
     optimizer: OptimizerName = "sgd_momentum",
     allow_freeze: bool = True,
     hooks_bytes: int | Callable[[tuple[str, ...]], int] = 0,
-    optimizer_bytes: Callable[[tuple[str, ...]], int] | None = None,
+    optimizer_memory: Callable[[tuple[str, ...]], tuple[int, int]] | None = None,
 ) -> TrainingPlan:
     """Plan one agent's local training within `budget_bytes` of working set.
 
@@ -96,8 +97,8 @@ def plan_training(
 
     hooks_bytes: the strategy's own training memory (`LocalHooks.extra_memory_bytes`),
     added to every estimate (it does not shrink with the batch or with freezing).
-    optimizer_bytes: the optimizer state of the hooks' own optimizer per frozen set
-    (`LocalHooks.optimizer_bytes`), replacing the estimate's dense count.
+    optimizer_memory: (gradient, optimizer state) bytes of the hooks' own optimizer per
+    frozen set (`LocalHooks.optimizer_memory`), replacing the estimate's dense counts.
     """
     from models.memory import estimate_training_memory, freeze_units
 
@@ -119,8 +120,8 @@ def plan_training(
                                             device="cpu")
 
     planned = with_hooks(estimate, hooks_bytes)
-    if optimizer_bytes is not None:
-        planned = with_optimizer_state(planned, optimizer_bytes)
+    if optimizer_memory is not None:
+        planned = with_optimizer_state(planned, optimizer_memory)
     return plan_within(budget_bytes, planned,
                        lambda: freeze_units(model, input_shape, device=device[0]),
                        batch_sizes=batch_sizes,
