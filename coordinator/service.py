@@ -30,7 +30,6 @@ import numpy as np
 
 from coordinator import rounds as rules
 from coordinator.admission import check_federation
-from coordinator.labelled import load_labelled_set
 from coordinator.aggregation import RoundUpdates, clip_bound
 from coordinator.auth import Auth
 from coordinator.broadcast import RESIDUAL_PREFIX, make_broadcast, round_for_broadcast
@@ -45,6 +44,7 @@ from coordinator.errors import (
 from coordinator.evaluation import Evaluator
 from coordinator.exports import ExportCache
 from coordinator.isolation import Backoff
+from coordinator.labelled import load_labelled_set
 from coordinator.levels import PlannedLevel, assign_level, plan_levels, task_levels
 from coordinator.metrics import Metrics
 from coordinator.protocol import FederationCreate, FederationStatus, Task, TaskDecline, UpdateReport
