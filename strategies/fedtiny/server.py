@@ -1,5 +1,11 @@
 """FedTiny (Huang et al., ICDCS 2023; ALGORITHMS.md §2), server half.
 
+Round 0 (`initial_weights`, optional): with ``pretrain`` the server first trains the seeded
+model briefly on a tiny labelled set the coordinator loads at create (an .npz the operator
+holds, or the first samples of each class of the federation's own training split as a
+benchmark's stand-in), so the pool prunes trained weights (`strategies.fedtiny.pretrain`).
+Agents download that model: they do not hold the set to rebuild it.
+
 Setup rounds (statistics only, on top of the federation's training rounds):
 
 - **bn** (models with BatchNorm only): every sampled agent rebuilds the candidate pool —
