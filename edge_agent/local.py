@@ -86,15 +86,18 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         hooks = hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
         plan = None
         if budget is not None:
+            own = {} if hooks.optimizer_memory is None else {  # the hooks' optimizer: what it holds
+                "optimizer_memory": partial(_with_momentum, hooks.optimizer_memory, bool(cfg.momentum))}
             plan = planner(model, data.input_shape, budget, preferred_batch=batch_size or cfg.batch_size,
                            optimizer="sgd_momentum" if cfg.momentum else "sgd",
-                           hooks_bytes=hooks.extra_memory_frozen or hooks.extra_memory_bytes)
+                           hooks_bytes=hooks.extra_memory_frozen or hooks.extra_memory_bytes, **own)
             plan.apply(model)  # freezes what the plan froze (requires_grad off)
         batch = plan.batch_size if plan is not None else cfg.batch_size
         planned = plan.estimate.total if plan is not None else 0
         params = [p for p in model.parameters() if p.requires_grad]
         lr = scaled_lr(cfg.lr, batch, cfg.batch_size) if cfg.scale_lr_with_batch else cfg.lr
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        make_optimizer = hooks.optimizer or _sgd
+        optimizer = make_optimizer(params, lr, cfg.momentum, cfg.weight_decay)
         if hooks.train:
             warm_up(model, data)
         start = time.perf_counter()
@@ -149,6 +152,15 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         peak_rss_bytes=meter.baseline_bytes + meter.peak_rise_bytes,
     )
     return LocalResult(body, report, delta, replans)
+
+
+def _with_momentum(memory: Callable[[tuple[str, ...], bool], tuple[int, int]], momentum: bool,
+                   frozen: tuple[str, ...]) -> tuple[int, int]:
+    return memory(frozen, momentum)
+
+
+def _sgd(params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 # small batches: evaluation runs inside the device's training memory budget, before training

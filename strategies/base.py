@@ -39,6 +39,7 @@ __all__ = [
     "AgentHalf",
     "HookFactory",
     "InitialWeights",
+    "LabelledSetRequest",
     "LocalHooks",
     "RoundContext",
     "RoundResult",
@@ -66,6 +67,23 @@ class RoundContext:
     # Sample-weighted means of the auxiliary tensors the agents uploaded (names from
     # `Strategy.aux_shapes`, "aux/..."): statistics that are not model deltas.
     aux: Weights = field(default_factory=dict)
+    # round 0 only: the small labelled set the strategy asked for (`Strategy.labelled_set`),
+    # loaded by the coordinator; None when it asked for none
+    labelled: ImageDataset | None = None
+
+
+@dataclass(frozen=True)
+class LabelledSetRequest:
+    """A small labelled set the server half trains on in `initial_weights` (FedTiny's
+    pre-training), which the coordinator loads at create and refuses there when it cannot.
+
+    path: an .npz with `x` (N, C, H, W) uint8 pixels or floats in [0, 1] and `y` (N,) class
+    indices, data the operator holds; None: the federation's own training split, a
+    stand-in for such data in benchmarks. per_class: the first that many samples of each
+    class are kept."""
+
+    path: str | None
+    per_class: int
 
 
 @dataclass
@@ -102,8 +120,13 @@ class Strategy(ABC):
         return 0
 
     def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
-        """Chance to transform the freshly initialised model before round 1."""
+        """Chance to transform the freshly initialised model before round 1 (with
+        `ctx.labelled` when `labelled_set` asked for one)."""
         return weights
+
+    def labelled_set(self) -> LabelledSetRequest | None:
+        """The small labelled set `initial_weights` needs at the server, if any."""
+        return None
 
     @abstractmethod
     def aggregate(
@@ -140,6 +163,13 @@ class LocalHooks:
     # the same for a plan that freezes these parameter names (None: independent of it);
     # frozen layers save no masked copy for backward and get no gradient buffers
     extra_memory_frozen: Callable[[tuple[str, ...]], int] | None = None
+    # the optimizer to train with instead of torch.optim.SGD: (trainable params, lr, momentum,
+    # weight decay) → optimizer; FedTiny's KeptSGD keeps momentum at kept coordinates only
+    optimizer: Callable[[list[torch.nn.Parameter], float, float, float], torch.optim.Optimizer] | None = None
+    # (gradient bytes, optimizer state bytes) that optimizer holds at once for a plan freezing
+    # these names, with momentum or not (None: the estimate's dense counts: one gradient and
+    # one buffer per slot per trainable parameter)
+    optimizer_memory: Callable[[tuple[str, ...], bool], tuple[int, int]] | None = None
 
 
 def _numel(t: Any) -> int:
