@@ -24,7 +24,8 @@ needs_flower = pytest.mark.skipif(not flower_python().exists(),
 @needs_flower
 def test_compare_runs_flower_and_fedslim_on_a_toy_federation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Arrange
-    argv = ["--json", "--clients", "4", "--per-round", "2", "--rounds", "1", "--seeds", "1", "--alphas", "0.5",
+    argv = ["--json", "--clients", "4", "--per-round", "2", "--rounds", "1", "--seeds", "2", "--strategy-seeds", "1",
+            "--alphas", "0.5",
             "--strategies", "fedavg,sparse", "--sections", "main", "--max-steps", "2", "--eval-samples", "200",
             "--dataset", "synthetic",
             "--no-export", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
@@ -33,16 +34,20 @@ def test_compare_runs_flower_and_fedslim_on_a_toy_federation(tmp_path: Path, cap
     # Act
     rc = compare.main(argv)
 
-    # Assert: one JSON list, a row per run with the keys
+    # Assert: one JSON list, a row per run with the keys; the second seed runs
+    # only the rows the targets compare (Flower and fedslim FedAvg)
     rows = json.loads(capsys.readouterr().out)
     assert rc == 0
-    assert [(r["system"], r["strategy"]) for r in rows] == [("flower", "fedavg"), ("fedslim", "fedavg"), ("fedslim", "sparse")]
+    assert [(r["system"], r["strategy"], r["seed"]) for r in rows] == [
+        ("flower", "fedavg", 0), ("fedslim", "fedavg", 0), ("fedslim", "sparse", 0),
+        ("flower", "fedavg", 1), ("fedslim", "fedavg", 1)]
     for r in rows:
-        assert r["alpha"] == 0.5 and r["seed"] == 0
+        assert r["alpha"] == 0.5
         assert 0 <= r["final_accuracy"] <= 1 and r["mb_per_round"] > 0 and r["seconds_per_round"] > 0
         assert r["peak_rss_mb"] > 0
     # Flower ships the dense fp32 FedAvg CNN both ways: 2 clients x 876,938 params x 4 B
     assert rows[0]["mb_up_per_round"] == pytest.approx(2 * 876_938 * 4 / 1e6, rel=0.01)
+    assert rows[0]["final_accuracy"] != rows[3]["final_accuracy"] or rows[1]["final_accuracy"] != rows[4]["final_accuracy"]
     saved = json.loads((tmp_path / "results" / "compare.json").read_text())
     assert saved["rows"] == rows and len(saved["plots"]) == 3
     assert all((tmp_path / "results" / Path(p).name).exists() for p in saved["plots"])
