@@ -1,7 +1,7 @@
 """Agent half of AutoFLIP: exploration rounds train plainly (every client a scout from the
-round's global model); once the task says ``pruned``, the mask — the global model's
-zeros (`pruning.masks.masks_from_zeros`) — is re-applied after every optimiser step and
-only masked coordinates are uploaded."""
+round's global model); once the task says ``pruned``, the mask — the task's mask artifact
+(`strategies.masking.agent_masks`) — is re-applied after every optimiser step and only
+masked coordinates are uploaded."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 from torch import nn
 
 from models import ImageDataset
-from pruning.masks import apply_masks, masks_from_zeros
+from pruning.masks import apply_masks, masked_weight_names
 from strategies.base import LocalHooks, largest_bytes, masks_bytes
+from strategies.masking import agent_masks
 
 __all__ = ["autoflip_hooks"]
 
@@ -22,7 +23,7 @@ def autoflip_hooks(params: Mapping[str, Any], model: nn.Module, weights: dict[st
                    data: ImageDataset) -> LocalHooks:
     if not params.get("pruned", False):
         return LocalHooks()  # exploration: plain local training (FedAvg)
-    masks = masks_from_zeros(model, weights)
+    masks = agent_masks(params, model, weights, [n for n in masked_weight_names(model) if n in weights])
     apply_masks(model, masks)  # already zero; makes the invariant hold from step 0
 
     def after_step() -> None:

@@ -4,8 +4,9 @@
   statistics per candidate on local data (forward passes only), upload them; no training.
 - phase "select": evaluate each candidate with the averaged BN statistics from the task,
   upload the mean losses; no training.
-- phase "train": the global model's zeros are the mask; re-apply it after every step and
-  upload only kept coordinates. When the task asks for growth, keep the top-n |grad| at
+- phase "train": the mask is the task's mask artifact (`strategies.masking.agent_masks`,
+  the selected candidate after the select round); re-apply it after every step and upload
+  only kept coordinates. When the task asks for growth, keep the top-n |grad| at
   pruned positions of the named layers over the epoch (O(n) state, `PrunedGradientTopK`)
   and upload them as ``aux/grow/<layer>``.
 """
@@ -24,6 +25,7 @@ from models import ImageDataset
 from models.training import evaluate, iterate_batches
 from pruning.masks import apply_masks
 from strategies.base import LocalHooks, Weights, largest_bytes, masks_bytes
+from strategies.masking import agent_masks
 from strategies.fedtiny.ops import (
     PrunedGradientTopK,
     fedtiny_weight_names,
@@ -45,7 +47,7 @@ def fedtiny_hooks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
         stats = _bn_statistics if phase == "bn" else _candidate_losses
         bn = params.get("bn", {})
         return LocalHooks(train=False, aux=lambda: stats(model, pool, data, bn))
-    masks = {n: torch.from_numpy(np.asarray(weights[n]) != 0) for n in fedtiny_weight_names(model)}
+    masks = agent_masks(params, model, weights, fedtiny_weight_names(model))
     apply_masks(model, masks)
 
     def after_step() -> None:
@@ -54,7 +56,7 @@ def fedtiny_hooks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
     grow = {n: int(k) for n, k in params.get("grow", {}).items()}
     # the boolean masks, and apply_masks' float copy of one mask after each step
     extra = masks_bytes(masks) + largest_bytes(masks)
-    hooks = LocalHooks(after_step=after_step, upload_support={n: m.numpy() for n, m in masks.items()})
+    hooks = LocalHooks(after_step=after_step, upload_support={n: m.cpu().numpy() for n, m in masks.items()})
     if grow:
         tops = _TrainableTops(model, masks, grow)
         hooks.context = tops
