@@ -56,17 +56,29 @@ from models.state import is_bn_stat
 from models.zoo import model_identity
 from pruning.levels import level_slices
 from sparse_kernels import MAX_MODEL_BYTES, decode
+from sparse_kernels.masks import encode_masks
 from sparse_kernels.npz import arrays_from_npz as _from_npz
 from sparse_kernels.npz import arrays_to_npz as _npz
 from sparse_kernels.patch import encode_model
 from sparse_kernels.reshape import apply_reshape
 from strategies import RoundContext, Strategy, Weights, build_strategy
+from strategies.masking import masks_from_state
 
-__all__ = ["CoordinatorService"]
+__all__ = ["CoordinatorService", "Served"]
 
 log = logging.getLogger("fedslim.coordinator")
 MAX_MODEL_BLOB = MAX_MODEL_BYTES  # stored full models: written by us, read back without a smaller cap
 _ACTIVE = ("running", "paused")
+
+
+@dataclass(frozen=True)
+class Served:
+    """Bytes of one model version's artifact, with what its download headers say."""
+
+    version: int
+    data: bytes
+    reshaped: bool  # the version has a reshape (apply it before the patch)
+    mask_sha256: str  # the version's mask artifact ("" for none): apply w⊙m after the patch
 
 
 @dataclass
@@ -156,15 +168,18 @@ class CoordinatorService:
                 self.evaluator.test_data(config)  # the data must load now, not at round 1's close
             weights = self.evaluator.initial_weights(config)
             ctx = self._context(config, 0, 0)
+            state = strategy.initial_state(weights, ctx)
             weights = round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
         except (ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:  # RuntimeError: torch
             raise BadRequest(f"federation config refused: {str(exc)[:500]}") from None
         fid = uuid.uuid4().hex[:12]
         blob = self.store.blobs.put(encode_model(fid, 0, weights))
+        state_blob = self.store.blobs.put(_npz(state)) if state else None
+        mask_blob = self._put_masks(fid, 0, state)
         row = FederationRow(fid, config.model_dump(mode="json"), FederationStatus.created.value, 0, 0, time.time())
         with self.store.tx() as conn:
             self.store.add_federation(conn, row)
-            self.store.add_model(conn, fid, 0, blob, None, None)
+            self.store.add_model(conn, fid, 0, blob, None, state_blob, mask_blob=mask_blob)
         return row
 
     def get_federation(self, fid: str) -> FederationRow:
@@ -237,23 +252,29 @@ class CoordinatorService:
             raise Forbidden(f"agent {agent.id} takes no part in federation {fid}")
 
     def model_bytes(self, fid: str, version: int | None, *, patch: bool = False,
-                    reshape: bool = False) -> tuple[int, bytes, bool]:
-        """Full model (codec kind=model), the patch from version-1, or the reshape (JSON)
-        into `version`; counts the bytes. The flag says whether `version` has a reshape."""
+                    reshape: bool = False, mask: bool = False) -> Served:
+        """Full model (codec kind=model), the patch from version-1, the reshape (JSON) into
+        `version`, or its mask artifact (`sparse_kernels.masks`); counts the bytes."""
         row = self.get_federation(fid)
         version = row.model_version if version is None else version
         with self.store.tx() as conn:
             m = self.store.get_model(conn, fid, version)
         if m is None:
             raise NotFound(f"model version {version} of federation {fid} not found")
-        digest = m["reshape_blob"] if reshape else m["patch_blob"] if patch else m["blob"]
+        what = "mask" if mask else "reshape" if reshape else "patch" if patch else "blob"
+        digest = m[f"{what}_blob"] if what != "blob" else m["blob"]
         if digest is None:
-            raise NotFound(f"no {'reshape' if reshape else 'patch'} into version {version}")
+            raise NotFound(f"no {what} {'of' if mask else 'into'} version {version}")
         data = self.blob_cache.get(digest, self.store.blobs.get)
         with self._served_lock:
             key = (fid, row.current_round + 1)
             self._served[key] = self._served.get(key, 0) + len(data)
-        return version, data, m["reshape_blob"] is not None
+        return Served(version, data, m["reshape_blob"] is not None, m["mask_blob"] or "")
+
+    def _put_masks(self, fid: str, version: int, state: dict[str, np.ndarray]) -> str | None:
+        """Store the mask artifact of the strategy's "mask/<name>" arrays; its sha256."""
+        masks = masks_from_state(state)
+        return self.store.blobs.put(encode_masks(masks, federation_id=fid, version=version)) if masks else None
 
     def level_model_bytes(self, fid: str, version: int, rnd: int, level: int) -> bytes:
         """The slice of width level `level` of round `rnd` of model `version` (codec
@@ -307,6 +328,7 @@ class CoordinatorService:
             }),
             deadline=row.deadline, memory_budget_mb=cfg.memory_budget_mb,
             model_sha256=base["blob"] if base else "", seed=cfg.seed, download_values=cfg.download_values,
+            mask_sha256=(base["mask_blob"] or "") if base else "",
             levels=task_levels(self._levels(live, row.round)),
             model_shapes={k: list(v.shape) for k, v in live.weights.items()} if cfg.levels is not None else {},
             **_model_identity(cfg),
@@ -640,8 +662,10 @@ class CoordinatorService:
         if bad:
             raise FederationFailed(f"round {row.round}: the aggregate is not finite in {', '.join(bad[:3])}")
         version = fed.model_version + 1
+        # the version's keep-masks: applied after the patch here and by every agent
+        masks = masks_from_state(result.state)
         cast = make_broadcast(fed.id, version, live.weights, live.state, result,
-                              density=cfg.download_density, values=cfg.download_values)
+                              density=cfg.download_density, values=cfg.download_values, masks=masks or None)
         state = {**result.state, **cast.residual}
         mode = cfg.data.evaluation_mode()
         evaluation = self.evaluator.evaluate(cfg, cast.weights) if mode != "federated" else None
@@ -664,11 +688,12 @@ class CoordinatorService:
         patch_blob = self.store.blobs.put(cast.patch) if cast.patch is not None else None
         reshape_blob = self.store.blobs.put(cast.reshape) if cast.reshape is not None else None
         state_blob = self.store.blobs.put(_npz(state)) if state else None
+        mask_blob = self._put_masks(fed.id, version, result.state)
         done = row.round >= cfg.rounds + live.strategy.setup_rounds(live.weights)
         with self.store.tx() as conn:  # one transaction: round closed + new model + federation
             if served:
                 self.store.add_download_bytes(conn, fed.id, row.round, served)
-            self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob)
+            self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob, mask_blob)
             self.store.put_round(conn, RoundRow(fed.id, row.round, "closed", row.attempt, row.base_version,
                                                 row.selected, row.opened_at, row.deadline, now, metrics))
             self.store.update_federation(conn, fed.id, current_round=row.round, model_version=version,

@@ -32,12 +32,14 @@ from sparse_kernels import (
     Weights,
     encode,
 )
+from sparse_kernels.masks import decode_masks
 from sparse_kernels.patch import round_for_broadcast
 from strategies.base import RoundContext
+from strategies.masking import MASK_PARAM, apply_np_masks
 from strategies.registry import agent_half, hooks_for
 
-__all__ = ["RECHECK_STEPS", "BudgetExceeded", "LocalResult", "Planner", "default_threads", "evaluate_global",
-           "initial_weights", "run_task", "scaled_lr", "warm_up"]
+__all__ = ["RECHECK_STEPS", "BudgetExceeded", "LocalResult", "Planner", "apply_mask_artifact", "default_threads",
+           "evaluate_global", "initial_weights", "run_task", "scaled_lr", "warm_up", "with_mask"]
 
 log = logging.getLogger("fedslim.agent")
 
@@ -49,6 +51,20 @@ MIN_BATCH = 4
 # (model, input shape, budget, *, preferred_batch, optimizer, hooks_bytes) → the plan;
 # `plan_training`, or a test's planner with a made-up estimate
 Planner = Callable[..., TrainingPlan]
+
+
+def apply_mask_artifact(weights: Weights, artifact: bytes) -> Weights:
+    """w⊙m with a mask artifact (validated against the weights' shapes, CodecError if it
+    does not fit): what the coordinator did after the same patch, so pruned coordinates
+    are exactly 0 in what this agent holds however the patch was compressed."""
+    return apply_np_masks(weights, decode_masks(artifact, shapes={k: v.shape for k, v in weights.items()}))
+
+
+def with_mask(task: Task, artifact: bytes) -> Task:
+    """`task` with its verified mask artifact in the strategy params (`MASK_PARAM`), where
+    the method's agent half reads it (`strategies.masking.agent_masks`)."""
+    params = {**task.strategy.params, MASK_PARAM: artifact}
+    return task.model_copy(update={"strategy": task.strategy.model_copy(update={"params": params})})
 
 
 class _OverBudget(Exception):

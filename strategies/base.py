@@ -103,6 +103,12 @@ class Strategy(ABC):
         """Chance to transform the freshly initialised model before round 1."""
         return weights
 
+    def initial_state(self, weights: Weights, ctx: RoundContext) -> dict[str, np.ndarray]:
+        """The strategy's arrays for model version 0 (`weights`: the seeded model, before
+        `initial_weights`), e.g. a round-0 mask ("mask/<name>"), which the coordinator then
+        serves as version 0's mask artifact."""
+        return {}
+
     @abstractmethod
     def aggregate(
         self, ctx: RoundContext, weights: Weights, mean_delta: Weights, state: dict[str, np.ndarray]

@@ -25,7 +25,6 @@ from models import ImageDataset
 from models.training import evaluate, iterate_batches
 from pruning.masks import apply_masks
 from strategies.base import LocalHooks, Weights, largest_bytes, masks_bytes
-from strategies.masking import agent_masks
 from strategies.fedtiny.ops import (
     PrunedGradientTopK,
     fedtiny_weight_names,
@@ -33,6 +32,7 @@ from strategies.fedtiny.ops import (
     pool_from_state,
     recalibrate_bn,
 )
+from strategies.masking import agent_masks
 
 __all__ = ["fedtiny_hooks"]
 _STATS_BATCH = 64
