@@ -24,6 +24,7 @@ from edge_agent.local import (
     BudgetExceeded,
     apply_mask_artifact,
     evaluate_global,
+    initial_mask_artifact,
     initial_weights,
     run_task,
     with_mask,
@@ -165,6 +166,16 @@ class EdgeAgent:
         full = decode(self.client.download_model(federation_id, version), max_bytes=MAX_MODEL_BYTES)
         return self._remember(federation_id, version, full.to_dense())
 
+    def task_mask(self, task: Task) -> bytes:
+        """The mask artifact `task` names: rebuilt from the seed at version 0 (as the model
+        is, sha256 checked), else `mask_artifact`."""
+        if task.model_version == 0:
+            rebuilt = initial_mask_artifact(task)
+            if rebuilt is not None and hashlib.sha256(rebuilt).hexdigest() == task.mask_sha256:
+                self._mask = (task.mask_sha256, rebuilt)
+                return rebuilt
+        return self.mask_artifact(task.federation_id, task.model_version, task.mask_sha256)
+
     def mask_artifact(self, federation_id: str, version: int, sha256: str) -> bytes:
         """`version`'s mask artifact: cached (memory, then the state directory) when its
         sha256 is the one named, else downloaded and checked against it (UnsafeModel if not)."""
@@ -249,7 +260,7 @@ class EdgeAgent:
         else:
             weights = self.sync_model(task.federation_id, task.model_version, task)
             if task.mask_sha256:  # the mask is the artifact the task names, never the zeros downloaded
-                artifact = self.mask_artifact(task.federation_id, task.model_version, task.mask_sha256)
+                artifact = self.task_mask(task)
                 weights = apply_mask_artifact(weights, artifact)
                 task = with_mask(task, artifact)
             if held is not None:  # the global model as received, before local training changes it

@@ -33,7 +33,7 @@ from coordinator.protocol import EnrollRequest, FederationCreate, Task, TaskDecl
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from edge_agent.agent import check_model
-from edge_agent.local import apply_mask_artifact, initial_weights, with_mask
+from edge_agent.local import apply_mask_artifact, initial_mask_artifact, initial_weights, with_mask
 from models import load_dataset, partition
 from sim.virtual import Backend, ClientJob, LocalBackend, ResidualStore, agent_seed
 from sparse_kernels import MAX_MODEL_BYTES, Weights, decode
@@ -220,6 +220,12 @@ class SimEngine:
         version = task.model_version
         fetched: dict[tuple[str, int], bytes] = {}
         rebuilt = self._rebuilt(task) if version == 0 else None
+        if version == 0 and task.mask_sha256:  # as the agent: version 0's mask is rebuilt when it can be
+            mask0 = initial_mask_artifact(task)
+            if mask0 is not None and hashlib.sha256(mask0).hexdigest() == task.mask_sha256:
+                self._mask_cache[task.mask_sha256] = mask0
+                for i in picked:
+                    self.clients.masks[i] = task.mask_sha256
         for i in picked:
             if rebuilt is None:
                 self._fetch(task.federation_id, int(self.clients.held[i]), version, fetched, i)

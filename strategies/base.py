@@ -36,6 +36,7 @@ __all__ = [
     "TRAINS_PLAIN",
     "AgentHalf",
     "HookFactory",
+    "InitialMasks",
     "InitialWeights",
     "LocalHooks",
     "RoundContext",
@@ -156,6 +157,8 @@ def largest_bytes(masks: Mapping[str, Any], *, itemsize: int = 4) -> int:
 HookFactory = Callable[[Mapping[str, Any], "nn.Module", Weights, "ImageDataset"], LocalHooks]
 # (task's strategy params, seeded weights, round-0 context) → the method's initial model
 InitialWeights = Callable[[Mapping[str, Any], Weights, RoundContext], Weights]
+# (task's strategy params, seeded weights, round-0 context) → the method's round-0 keep-masks
+InitialMasks = Callable[[Mapping[str, Any], Weights, RoundContext], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ class AgentHalf:
     # how the server half's `initial_weights` transforms the seeded model, from the task's
     # params (None: it does not): agents rebuild the initial model instead of downloading
     initial_weights: InitialWeights | None = None
+    # the server half's `initial_state` masks ("mask/<name>"), from the params (None: it has
+    # none): agents rebuild version 0's mask artifact (sha256 checked) instead of downloading
+    initial_masks: InitialMasks | None = None
 
 
 # Registered instead of an AgentHalf by methods whose agents train exactly as FedAvg's do
