@@ -260,7 +260,8 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
                         mask: bool = False) -> Response:
         served = svc.model_bytes(fid, version, patch=patch, reshape=reshape, mask=mask)
         svc.metrics.served(len(served.data))
-        kind = "mask" if mask else "reshape" if reshape else "patch" if patch else "model"
+        kind = ("mask-patch" if mask and patch else "mask" if mask else "reshape" if reshape
+                else "patch" if patch else "model")
         headers = {VERSION_HEADER: str(served.version), KIND_HEADER: kind,
                    RESHAPE_HEADER: "1" if served.reshaped else "0", MASK_HEADER: served.mask_sha256}
         return Response(served.data, media_type="application/json" if reshape else _OCTETS, headers=headers)
@@ -288,6 +289,12 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         """The keep-masks of `version` (sparse_kernels.masks; sha256 = the task's and the
         MASK header's mask_sha256): apply w⊙m after the patch. 404 when it has none."""
         return _model_response(fid, version, False, mask=True)
+
+    @api.get("/federations/{fid}/models/{version}/mask/patch", dependencies=[Reader], response_class=Response)
+    def model_mask_patch(fid: FederationId, version: VersionNo) -> Response:
+        """The flips from version-1's mask to `version`'s (a mask artifact of the XOR): for
+        an agent holding version-1's mask. 404 when unchanged or there was none."""
+        return _model_response(fid, version, True, mask=True)
 
     @api.get("/federations/{fid}/models/{version}/levels/{level}", dependencies=[Reader], response_class=Response)
     def model_level(fid: FederationId, version: VersionNo, level: LevelNo,

@@ -56,7 +56,7 @@ from models.state import is_bn_stat
 from models.zoo import model_identity
 from pruning.levels import level_slices
 from sparse_kernels import MAX_MODEL_BYTES, decode
-from sparse_kernels.masks import encode_masks
+from sparse_kernels.masks import encode_masks, mask_patch
 from sparse_kernels.npz import arrays_from_npz as _from_npz
 from sparse_kernels.npz import arrays_to_npz as _npz
 from sparse_kernels.patch import encode_model
@@ -175,7 +175,7 @@ class CoordinatorService:
         fid = uuid.uuid4().hex[:12]
         blob = self.store.blobs.put(encode_model(fid, 0, weights))
         state_blob = self.store.blobs.put(_npz(state)) if state else None
-        mask_blob = self._put_masks(fid, 0, state)
+        mask_blob, _ = self._put_masks(state)
         row = FederationRow(fid, config.model_dump(mode="json"), FederationStatus.created.value, 0, 0, time.time())
         with self.store.tx() as conn:
             self.store.add_federation(conn, row)
@@ -254,27 +254,36 @@ class CoordinatorService:
     def model_bytes(self, fid: str, version: int | None, *, patch: bool = False,
                     reshape: bool = False, mask: bool = False) -> Served:
         """Full model (codec kind=model), the patch from version-1, the reshape (JSON) into
-        `version`, or its mask artifact (`sparse_kernels.masks`); counts the bytes."""
+        `version`, or its mask artifact (`sparse_kernels.masks`; with `patch`, the mask
+        patch from version-1's); counts the bytes."""
         row = self.get_federation(fid)
         version = row.model_version if version is None else version
         with self.store.tx() as conn:
             m = self.store.get_model(conn, fid, version)
         if m is None:
             raise NotFound(f"model version {version} of federation {fid} not found")
-        what = "mask" if mask else "reshape" if reshape else "patch" if patch else "blob"
+        what = ("mask_patch" if mask and patch else "mask" if mask else "reshape" if reshape
+                else "patch" if patch else "blob")
         digest = m[f"{what}_blob"] if what != "blob" else m["blob"]
         if digest is None:
-            raise NotFound(f"no {what} {'of' if mask else 'into'} version {version}")
+            raise NotFound(f"no {what.replace('_', ' ')} {'of' if mask else 'into'} version {version}")
         data = self.blob_cache.get(digest, self.store.blobs.get)
         with self._served_lock:
             key = (fid, row.current_round + 1)
             self._served[key] = self._served.get(key, 0) + len(data)
         return Served(version, data, m["reshape_blob"] is not None, m["mask_blob"] or "")
 
-    def _put_masks(self, fid: str, version: int, state: dict[str, np.ndarray]) -> str | None:
-        """Store the mask artifact of the strategy's "mask/<name>" arrays; its sha256."""
+    def _put_masks(self, state: dict[str, np.ndarray], before: dict[str, np.ndarray] | None = None,
+                   ) -> tuple[str | None, str | None]:
+        """Store the mask artifact of the strategy's "mask/<name>" arrays and, when the
+        previous version's (`before`) differ, the mask patch between them: their sha256s."""
         masks = masks_from_state(state)
-        return self.store.blobs.put(encode_masks(masks, federation_id=fid, version=version)) if masks else None
+        if not masks:
+            return None, None
+        data = encode_masks(masks)
+        old = masks_from_state(before or {})
+        patch = mask_patch(old, masks) if old and encode_masks(old) != data else None
+        return self.store.blobs.put(data), self.store.blobs.put(patch) if patch is not None else None
 
     def level_model_bytes(self, fid: str, version: int, rnd: int, level: int) -> bytes:
         """The slice of width level `level` of round `rnd` of model `version` (codec
@@ -688,12 +697,13 @@ class CoordinatorService:
         patch_blob = self.store.blobs.put(cast.patch) if cast.patch is not None else None
         reshape_blob = self.store.blobs.put(cast.reshape) if cast.reshape is not None else None
         state_blob = self.store.blobs.put(_npz(state)) if state else None
-        mask_blob = self._put_masks(fed.id, version, result.state)
+        mask_blob, mask_patch_blob = self._put_masks(result.state, live.state)
         done = row.round >= cfg.rounds + live.strategy.setup_rounds(live.weights)
         with self.store.tx() as conn:  # one transaction: round closed + new model + federation
             if served:
                 self.store.add_download_bytes(conn, fed.id, row.round, served)
-            self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob, mask_blob)
+            self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob, mask_blob,
+                                 mask_patch_blob)
             self.store.put_round(conn, RoundRow(fed.id, row.round, "closed", row.attempt, row.base_version,
                                                 row.selected, row.opened_at, row.deadline, now, metrics))
             self.store.update_federation(conn, fed.id, current_round=row.round, model_version=version,

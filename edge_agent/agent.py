@@ -34,6 +34,7 @@ from edge_agent.policy import Policy, decide, read_conditions
 from models import ImageDataset
 from models.zoo import model_identity
 from sparse_kernels import MAX_MODEL_BYTES, CodecError, ErrorFeedback, Weights, decode
+from sparse_kernels.masks import apply_mask_patch
 from sparse_kernels.npz import escape_key, unescape_key
 from sparse_kernels.patch import apply_delta, encode_model
 from sparse_kernels.reshape import apply_reshape, decode_reshape
@@ -172,21 +173,35 @@ class EdgeAgent:
         if task.model_version == 0:
             rebuilt = initial_mask_artifact(task)
             if rebuilt is not None and hashlib.sha256(rebuilt).hexdigest() == task.mask_sha256:
-                self._mask = (task.mask_sha256, rebuilt)
-                return rebuilt
+                return self._keep_mask(task.mask_sha256, rebuilt)
         return self.mask_artifact(task.federation_id, task.model_version, task.mask_sha256)
 
     def mask_artifact(self, federation_id: str, version: int, sha256: str) -> bytes:
         """`version`'s mask artifact: cached (memory, then the state directory) when its
-        sha256 is the one named, else downloaded and checked against it (UnsafeModel if not)."""
+        sha256 is the one named; else the mask patch applied to the one held (version-1's,
+        when this agent kept up), else downloaded whole; checked against the sha256
+        named (UnsafeModel if not)."""
         if self._mask is None and (self.state.root / "mask.bin").exists():
             data = (self.state.root / "mask.bin").read_bytes()
             self._mask = (hashlib.sha256(data).hexdigest(), data)  # the file's own digest: no stale trust
         if self._mask is not None and self._mask[0] == sha256:
             return self._mask[1]
+        if self._mask is not None:
+            try:
+                held = self._mask[1]
+                shapes = {t.name: t.shape for t in decode(held).tensors}
+                patched = apply_mask_patch(held, self.client.download_mask_patch(federation_id, version), shapes=shapes)
+                if hashlib.sha256(patched).hexdigest() == sha256:
+                    return self._keep_mask(sha256, patched)
+                log.info("mask patch into version %d does not fit the mask held; downloading it whole", version)
+            except (CoordinatorRefused, CodecError) as exc:
+                log.info("mask patch into version %d unavailable (%s); downloading it whole", version, exc)
         data = self.client.download_mask(federation_id, version)
         if hashlib.sha256(data).hexdigest() != sha256:
             raise UnsafeModel(f"mask artifact of version {version}: sha256 differs from the one named")
+        return self._keep_mask(sha256, data)
+
+    def _keep_mask(self, sha256: str, data: bytes) -> bytes:
         tmp = self.state.root / "mask.bin.tmp"
         tmp.write_bytes(data)
         tmp.replace(self.state.root / "mask.bin")

@@ -128,6 +128,10 @@ class CoordinatorClient:
         """`version`'s mask artifact (sparse_kernels.masks); the caller checks its sha256."""
         return self._download(f"/federations/{federation_id}/models/{version}/mask", "mask").content
 
+    def download_mask_patch(self, federation_id: str, version: int) -> bytes:
+        """The flips from version-1's mask to `version`'s; CoordinatorRefused(404) if none."""
+        return self._download(f"/federations/{federation_id}/models/{version}/mask/patch", "mask-patch").content
+
     def download_level(self, federation_id: str, version: int, level: int, rnd: int) -> bytes:
         """Width level `level`'s slice of `version` for round `rnd` (codec kind=model)."""
         resp = self._download(f"/federations/{federation_id}/models/{version}/levels/{level}?round={rnd}", "model")

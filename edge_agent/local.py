@@ -246,7 +246,7 @@ def initial_mask_artifact(task: Task) -> bytes | None:
     except (ValueError, TypeError, KeyError) as exc:  # params it cannot read: the download is the fallback
         log.warning("cannot rebuild the initial mask (%s); downloading it", exc)
         return None
-    return encode_masks(masks, federation_id=task.federation_id, version=0)
+    return encode_masks(masks)
 
 
 def _strategy_initial(task: Task, weights: Weights) -> Weights:

@@ -37,6 +37,7 @@ from edge_agent.local import apply_mask_artifact, initial_mask_artifact, initial
 from models import load_dataset, partition
 from sim.virtual import Backend, ClientJob, LocalBackend, ResidualStore, agent_seed
 from sparse_kernels import MAX_MODEL_BYTES, Weights, decode
+from sparse_kernels.masks import apply_mask_patch
 from sparse_kernels.patch import apply_delta, encode_model
 from sparse_kernels.reshape import apply_reshape, decode_reshape
 
@@ -242,9 +243,22 @@ class SimEngine:
         return apply_mask_artifact(weights, artifact), with_mask(task, artifact)
 
     def _fetch_mask(self, fid: str, version: int, sha256: str, client: int) -> None:
-        """Client `client` gets `version`'s mask artifact unless it holds that one already."""
-        if self.clients.masks[client] == sha256:
+        """Client `client` gets `version`'s mask artifact as the agent does: nothing when
+        it holds that one, the mask patch when it holds version-1's, else the whole."""
+        held = self.clients.masks[client]
+        if held == sha256:
             return
+        if held in self._mask_cache:
+            try:
+                flips = self.service.model_bytes(fid, version, patch=True, mask=True).data
+                old = self._mask_cache[held]
+                patched = apply_mask_patch(old, flips, shapes={t.name: t.shape for t in decode(old).tensors})
+                if hashlib.sha256(patched).hexdigest() == sha256:
+                    self._mask_cache[sha256] = patched
+                    self.clients.masks[client] = sha256
+                    return
+            except NotFound:  # no patch into `version`: the whole artifact
+                pass
         data = self.service.model_bytes(fid, version, mask=True).data
         if hashlib.sha256(data).hexdigest() != sha256:  # as the agent: a mask that is not the one named
             raise RuntimeError(f"mask artifact of version {version}: sha256 differs from the one named")

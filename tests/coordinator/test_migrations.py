@@ -115,7 +115,8 @@ def test_upgrade_from_the_previous_release_keeps_every_row(tmp_path: Path, datab
                 RoundRow("f1", 2, "open", 2, 1, ["a1"], 31.0, 91.0, None, None)]
             assert store.list_updates(conn, "f1", 2, 2) == [UpdateRow("a1", 2, 200, 4096, "b" * 64, {"num_samples": 200})]
             assert store.needs_by_agent(conn) == {"a2": {"f1": 10**9}}
-            assert store.get_model(conn, "f1", 1) == {**V0_ROWS["models"][1], "mask_blob": None}  # 0004: no mask
+            assert store.get_model(conn, "f1", 1) == {**V0_ROWS["models"][1], "mask_blob": None,
+                                                          "mask_patch_blob": None}  # 0004: no mask
             assert store.download_bytes(conn, "f1", 1) == 123456
         # what the old schema refused on PostgreSQL (INTEGER): budgets and byte counts past 2**31
         with store.tx() as conn:

@@ -46,7 +46,7 @@ def _random_masks(density: float) -> dict[str, np.ndarray]:
 def test_round_trip_is_exact_and_canonical(masks: dict[str, np.ndarray]) -> None:
     """Kills: encoding `~m` (the pruned set) or an off-by-one in the kept indices."""
     # Arrange / Act
-    data = encode_masks(masks, federation_id="f", version=3)
+    data = encode_masks(masks)
     out = decode_masks(data, shapes={n: m.shape for n, m in masks.items()}, names=list(masks))
 
     # Assert: same names, shapes, bits; the same masks give the same bytes (the digest names them)
@@ -54,7 +54,7 @@ def test_round_trip_is_exact_and_canonical(masks: dict[str, np.ndarray]) -> None
     for n, m in masks.items():
         assert out[n].dtype == bool and out[n].shape == m.shape
         np.testing.assert_array_equal(out[n], m)
-    assert encode_masks({n: m.copy() for n, m in masks.items()}, federation_id="f", version=3) == data
+    assert encode_masks({n: m.copy() for n, m in masks.items()}) == data
     assert mask_digest(data) == mask_digest(bytes(data)) and len(mask_digest(data)) == 64
 
 
