@@ -6,7 +6,8 @@ Oracle: the strategy's own reported density, and the server's masks. Mutations k
   zeroed by a top-10% patch, so the served model has nonzeros off the mask);
 - the agent not applying w⊙m after a patch (`EdgeAgent.sync_model`: it keeps the weights
   the reconfiguration pruned, so its model differs from the server's);
-- the task naming no mask (`mask_sha256=""` in `_task_json`: agents fall back to zeros).
+- the task naming no mask (`mask_sha256=""` in `_task_json`: agents fall back to zeros);
+- the service storing no mask patch (`_put_masks` without `before`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def test_feddip_with_lossy_sparse_broadcasts_serves_the_strategys_masks_exactly(
         assert kept == row["mask_density"] == row["density"]
         for n, m in masks.items():  # what agents hold is exactly 0 off the mask, however lossy the patch
             assert not model[n][~m].any()
+        if v > 1:  # the flips from version v-1's mask, far smaller than the mask itself
+            flips = coordinator.get(f"/v1/federations/{fid}/models/{v}/mask/patch", headers=ADMIN)
+            assert flips.status_code == 200 and len(flips.content) < len(served.content)
+            xor = decode_masks(flips.content, shapes={k: w.shape for k, w in model.items()}, names=names)
+            for n in names:
+                np.testing.assert_array_equal(xor[n], server["masks"][n] ^ masks[n])
         server = {"model": model, "masks": masks}
 
     # each task named its base version's mask artifact

@@ -26,7 +26,7 @@ from sparse_kernels import (
     encode,
 )
 from sparse_kernels._indexcodes import gaps_of, rice_encode
-from sparse_kernels.masks import decode_masks, encode_masks, mask_digest
+from sparse_kernels.masks import apply_mask_patch, decode_masks, encode_masks, mask_digest, mask_patch
 
 RNG = np.random.default_rng(0)
 SHAPES = {"conv.weight": (8, 4, 3, 3), "fc.weight": (10, 64)}
@@ -116,3 +116,30 @@ def test_hostile_inputs_are_rejected_with_a_clear_error(data: bytes, shapes: dic
     with pytest.raises(error) as exc:
         decode_masks(data, shapes=shapes, names=names)
     assert isinstance(exc.value, CodecError) and says in str(exc.value)
+
+
+def test_a_mask_patch_moves_the_held_mask_to_the_new_one_only() -> None:
+    """Kills: `apply_mask_patch` OR-ing instead of XOR-ing (regrown bits would stay set
+    but pruned ones never clear), and a patch kept although it came from another base."""
+    # Arrange: 10% masks that move a little (prune-and-grow of one layer, FedTiny-style)
+    old = {**_random_masks(0.1), "fc.weight": RNG.random((100, 1000)) < 0.1}
+    new = {n: m.copy() for n, m in old.items()}
+    flat = new["fc.weight"].reshape(-1)
+    flat[np.flatnonzero(flat)[:5]] = False  # 5 pruned
+    flat[np.flatnonzero(~flat)[:5]] = True  # 5 grown
+    shapes = {n: m.shape for n, m in old.items()}
+
+    # Act
+    patch = mask_patch(old, new)
+    assert patch is not None
+    patched = apply_mask_patch(encode_masks(old), patch, shapes=shapes)
+
+    # Assert: exactly the new artifact (same sha256), from far fewer bytes than it
+    assert patched == encode_masks(new)
+    assert len(patch) < len(encode_masks(new)) / 20
+    other = {n: ~m for n, m in old.items()}  # another base: the result is not the named mask
+    assert mask_digest(apply_mask_patch(encode_masks(other), patch, shapes=shapes)) != mask_digest(encode_masks(new))
+    # masks over other weights have no patch
+    assert mask_patch(old, {"fc.weight": new["fc.weight"]}) is None
+    with pytest.raises(ShapeMismatch):  # a patch over other weights is refused
+        apply_mask_patch(encode_masks({"fc.weight": old["fc.weight"]}), patch, shapes=shapes)
