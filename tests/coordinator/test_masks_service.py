@@ -4,6 +4,7 @@
 Oracle: the strategy's own reported density, and the server's masks. Mutations killed:
 - the service not passing `masks` to `make_broadcast` (newly pruned weights are not all
   zeroed by a top-10% patch, so the served model has nonzeros off the mask);
+- the agent downloading the whole mask although it holds version-1's (the mask patch unused);
 - the agent not applying w⊙m after a patch (`EdgeAgent.sync_model`: it keeps the weights
   the reconfiguration pruned, so its model differs from the server's);
 - the task naming no mask (`mask_sha256=""` in `_task_json`: agents fall back to zeros);
@@ -79,7 +80,12 @@ def test_feddip_with_lossy_sparse_broadcasts_serves_the_strategys_masks_exactly(
 
     # the agent's model (cached version 2, patched to 3 with w⊙m after the patch) is the
     # server's bit for bit, and 0 exactly where the server's mask says pruned
+    before = agents[0].client.bytes_down
     held = agents[0].sync_model(fid, 3)
+    # ... downloading only the model patch and the mask patch (it held version 2's mask)
+    sizes = [len(coordinator.get(f"/v1/federations/{fid}/models/3/{what}", headers=ADMIN).content)
+             for what in ("patch", "mask/patch")]
+    assert agents[0].client.bytes_down - before == sum(sizes)
     for k, w in server["model"].items():
         np.testing.assert_array_equal(held[k], w)
     for n, m in server["masks"].items():
