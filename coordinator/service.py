@@ -22,7 +22,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from coordinator.errors import (
 from coordinator.evaluation import Evaluator
 from coordinator.exports import ExportCache
 from coordinator.isolation import Backoff
+from coordinator.labelled import load_labelled_set
 from coordinator.levels import PlannedLevel, assign_level, plan_levels, task_levels
 from coordinator.metrics import Metrics
 from coordinator.protocol import FederationCreate, FederationStatus, Task, TaskDecline, UpdateReport
@@ -168,6 +169,9 @@ class CoordinatorService:
                 self.evaluator.test_data(config)  # the data must load now, not at round 1's close
             weights = self.evaluator.initial_weights(config)
             ctx = self._context(config, 0, 0)
+            request = strategy.labelled_set()
+            if request is not None:  # FedTiny's pre-training set: a bad path is refused here
+                ctx = replace(ctx, labelled=load_labelled_set(config, request, self.evaluator.input_shape(config)))
             state = strategy.initial_state(weights, ctx)
             weights = round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
         except (ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:  # RuntimeError: torch

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -101,15 +102,18 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         hooks = hooks_for(task.strategy.name, task.strategy.params, model, weights, data)
         plan = None
         if budget is not None:
+            own = {} if hooks.optimizer_memory is None else {  # the hooks' optimizer: what it holds
+                "optimizer_memory": partial(_with_momentum, hooks.optimizer_memory, bool(cfg.momentum))}
             plan = planner(model, data.input_shape, budget, preferred_batch=batch_size or cfg.batch_size,
                            optimizer="sgd_momentum" if cfg.momentum else "sgd",
-                           hooks_bytes=hooks.extra_memory_frozen or hooks.extra_memory_bytes)
+                           hooks_bytes=hooks.extra_memory_frozen or hooks.extra_memory_bytes, **own)
             plan.apply(model)  # freezes what the plan froze (requires_grad off)
         batch = plan.batch_size if plan is not None else cfg.batch_size
         planned = plan.estimate.total if plan is not None else 0
         params = [p for p in model.parameters() if p.requires_grad]
         lr = scaled_lr(cfg.lr, batch, cfg.batch_size) if cfg.scale_lr_with_batch else cfg.lr
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        make_optimizer = hooks.optimizer or _sgd
+        optimizer = make_optimizer(params, lr, cfg.momentum, cfg.weight_decay)
         if hooks.train:
             warm_up(model, data)
         start = time.perf_counter()
@@ -118,10 +122,10 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
                 if hooks.train:
                     after_step = hooks.after_step if budget is None else _rechecked(
                         hooks.after_step, meter, budget, can_shrink=batch > MIN_BATCH)
-                    stats = train_epochs(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch,
-                                         seed=seed * 100_003 + task.round, progress=progress,
-                                         max_steps=cfg.max_steps, regularizer=hooks.regularizer,
-                                         after_step=after_step)
+                    fit = hooks.fit or train_epochs
+                    stats = fit(model, data, optimizer=optimizer, epochs=cfg.local_epochs, batch_size=batch,
+                                seed=seed * 100_003 + task.round, progress=progress,
+                                max_steps=cfg.max_steps, regularizer=hooks.regularizer, after_step=after_step)
                 else:
                     stats = TrainStats(loss=0.0, accuracy=0.0, samples=len(data), steps=0, seconds=0.0)
         except _OverBudget as over:
@@ -143,7 +147,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
     meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
                      num_samples=stats.samples, kind="delta")
     tensors: tuple[SparseTensor, ...] = ()  # statistics only: the residual waits for a training round
-    if hooks.train:
+    if hooks.train and hooks.upload_delta:
         local = to_numpy_state(model)
         change = {k: local[k] - weights[k] for k in weights}
         if cfg.upload_density >= 1.0 and cfg.upload_values == "fp32":
@@ -153,7 +157,7 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
                                         min_dense_numel=SMALL_TENSOR, support=hooks.upload_support).tensors
     extra = tuple(SparseTensor.from_dense_nonzero(k, np.asarray(v, dtype=np.float32)) for k, v in aux.items())
     delta = ModelDelta(meta, tensors + extra)
-    body = encode(delta, values=cfg.upload_values)
+    body = encode(delta, values=hooks.upload_values or cfg.upload_values)
     report = UpdateReport(
         num_samples=max(stats.samples, 1), train_loss=float(np.nan_to_num(stats.loss, nan=1e9, posinf=1e9)),
         train_accuracy=stats.accuracy, train_seconds=time.perf_counter() - start,
@@ -162,6 +166,15 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
         peak_rss_bytes=meter.baseline_bytes + meter.peak_rise_bytes,
     )
     return LocalResult(body, report, delta, replans)
+
+
+def _with_momentum(memory: Callable[[tuple[str, ...], bool], tuple[int, int]], momentum: bool,
+                   frozen: tuple[str, ...]) -> tuple[int, int]:
+    return memory(frozen, momentum)
+
+
+def _sgd(params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 # small batches: evaluation runs inside the device's training memory budget, before training

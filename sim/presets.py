@@ -35,9 +35,11 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "fedtiny": {"name": "fedtiny", "params": {"density": 0.1, "pool_size": 5},
                 "training": {"upload_density": 0.1, "upload_values": "fp16"},
                 "download_density": 0.03, "download_values": "fp16"},
-    # AutoFLIP: one exploration round, then the 30% of weights that moved least are pruned;
-    # dense fp16 uploads (the guidance scores need every coordinate's movement; after
-    # pruning only the kept ones travel), sparse fp16 broadcasts as for FedDIP.
+    # AutoFLIP: one exploration round before training (every sampled client a scout: up to
+    # 5 epochs from θ₀, early stopping on 10% held out, its squared displacement uploaded as
+    # fp32 statistics), then the 30% of weights that moved least are pruned; the pruned
+    # model's kept coordinates go up dense in fp16, sparse fp16 broadcasts (the mask is an
+    # artifact of its own, as for FedDIP).
     "autoflip": {"name": "autoflip", "params": {"explore_rounds": 1, "q": 0.3, "scope": "global"},
                  "training": {"upload_density": 1.0, "upload_values": "fp16"},
                  "download_density": 0.1, "download_values": "fp16"},

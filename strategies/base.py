@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # the agent contract's types; importing this module needs no 
     from torch import nn
 
     from models.datasets import ImageDataset
+    from models.training import TrainStats
+    from sparse_kernels.codec import ValueMode
 
 __all__ = [
     "AUX_PREFIX",
@@ -38,6 +40,7 @@ __all__ = [
     "HookFactory",
     "InitialMasks",
     "InitialWeights",
+    "LabelledSetRequest",
     "LocalHooks",
     "RoundContext",
     "RoundResult",
@@ -60,11 +63,28 @@ class RoundContext:
     image_size: int | None
     participants: int
     # Weighted mean of the squared deltas, for strategies with `wants_second_moment`
-    # (AutoFLIP's guidance scores); None otherwise.
+    # (none at present: AutoFLIP's scouts upload their squares as aux); None otherwise.
     mean_sq_delta: Weights | None = None
     # Sample-weighted means of the auxiliary tensors the agents uploaded (names from
     # `Strategy.aux_shapes`, "aux/..."): statistics that are not model deltas.
     aux: Weights = field(default_factory=dict)
+    # round 0 only: the small labelled set the strategy asked for (`Strategy.labelled_set`),
+    # loaded by the coordinator; None when it asked for none
+    labelled: ImageDataset | None = None
+
+
+@dataclass(frozen=True)
+class LabelledSetRequest:
+    """A small labelled set the server half trains on in `initial_weights` (FedTiny's
+    pre-training), which the coordinator loads at create and refuses there when it cannot.
+
+    path: an .npz with `x` (N, C, H, W) uint8 pixels or floats in [0, 1] and `y` (N,) class
+    indices, data the operator holds; None: the federation's own training split, a
+    stand-in for such data in benchmarks. per_class: the first that many samples of each
+    class are kept."""
+
+    path: str | None
+    per_class: int
 
 
 @dataclass
@@ -101,8 +121,13 @@ class Strategy(ABC):
         return 0
 
     def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
-        """Chance to transform the freshly initialised model before round 1."""
+        """Chance to transform the freshly initialised model before round 1 (with
+        `ctx.labelled` when `labelled_set` asked for one)."""
         return weights
+
+    def labelled_set(self) -> LabelledSetRequest | None:
+        """The small labelled set `initial_weights` needs at the server, if any."""
+        return None
 
     def initial_state(self, weights: Weights, ctx: RoundContext) -> dict[str, np.ndarray]:
         """The strategy's arrays for model version 0 (`weights`: the seeded model, before
@@ -127,6 +152,15 @@ class LocalHooks:
     upload_support: dict[str, np.ndarray] | None = None
     # False for statistics-only rounds (FedTiny's candidate selection): no training, no delta
     train: bool = True
+    # replaces `models.training.train_epochs` (same arguments) for this task: AutoFLIP's
+    # scouts train their own epochs with early stopping on a validation split
+    fit: Callable[..., TrainStats] | None = None
+    # False: the training is a probe whose delta stays home (AutoFLIP's scouts upload their
+    # displacement as aux statistics); the error-feedback residual is left untouched
+    upload_delta: bool = True
+    # the upload's value mode instead of the task's (None: the task's): statistics whose
+    # range fp16/int8 cannot hold, such as squared displacements of 1e-9, go up as fp32
+    upload_values: ValueMode | None = None
     # called after training: auxiliary tensors to upload ("aux/<name>" → array)
     aux: Callable[[], dict[str, np.ndarray]] | None = None
     # training memory the hooks hold beyond the plain model's working set, in bytes (masks,
@@ -136,6 +170,13 @@ class LocalHooks:
     # the same for a plan that freezes these parameter names (None: independent of it);
     # frozen layers save no masked copy for backward and get no gradient buffers
     extra_memory_frozen: Callable[[tuple[str, ...]], int] | None = None
+    # the optimizer to train with instead of torch.optim.SGD: (trainable params, lr, momentum,
+    # weight decay) → optimizer; FedTiny's KeptSGD keeps momentum at kept coordinates only
+    optimizer: Callable[[list[torch.nn.Parameter], float, float, float], torch.optim.Optimizer] | None = None
+    # (gradient bytes, optimizer state bytes) that optimizer holds at once for a plan freezing
+    # these names, with momentum or not (None: the estimate's dense counts: one gradient and
+    # one buffer per slot per trainable parameter)
+    optimizer_memory: Callable[[tuple[str, ...], bool], tuple[int, int]] | None = None
 
 
 def _numel(t: Any) -> int:

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
     from models.memory import OptimizerName
 
-__all__ = ["Estimate", "TrainingPlan", "Units", "plan_training", "plan_within", "shrunk_batch", "with_hooks"]
+__all__ = ["Estimate", "TrainingPlan", "Units", "plan_training", "plan_within", "shrunk_batch", "with_hooks",
+           "with_optimizer_state"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,17 @@ def with_hooks(estimate: Estimate, hooks_bytes: int | Callable[[tuple[str, ...]]
     return estimate_with_hooks
 
 
+def with_optimizer_state(estimate: Estimate, optimizer_memory: Callable[[tuple[str, ...]], tuple[int, int]]) -> Estimate:
+    """`estimate` with the (gradients, optimizer state) bytes the hooks' own optimizer holds
+    (FedTiny's KeptSGD: both at kept coordinates only) instead of the dense counts."""
+
+    def estimate_with_state(batch: int, frozen: tuple[str, ...]) -> MemoryEstimate:
+        grads, state = optimizer_memory(frozen)
+        return replace(estimate(batch, frozen), grads_bytes=grads, optimizer_bytes=state)
+
+    return estimate_with_state
+
+
 def shrunk_batch(batch: int, measured_bytes: int, budget_bytes: int, *, min_batch: int = 4) -> int | None:
     """The re-plan after the first steps: half the batch (never below `min_batch`) when the
     measured peak is over the budget; None when it is within, or the batch cannot shrink."""
@@ -72,6 +84,7 @@ def plan_training(
     optimizer: OptimizerName = "sgd_momentum",
     allow_freeze: bool = True,
     hooks_bytes: int | Callable[[tuple[str, ...]], int] = 0,
+    optimizer_memory: Callable[[tuple[str, ...]], tuple[int, int]] | None = None,
 ) -> TrainingPlan:
     """Plan one agent's local training within `budget_bytes` of working set.
 
@@ -84,6 +97,8 @@ def plan_training(
 
     hooks_bytes: the strategy's own training memory (`LocalHooks.extra_memory_bytes`),
     added to every estimate (it does not shrink with the batch or with freezing).
+    optimizer_memory: (gradient, optimizer state) bytes of the hooks' own optimizer per
+    frozen set (`LocalHooks.optimizer_memory`), replacing the estimate's dense counts.
     """
     from models.memory import estimate_training_memory, freeze_units
 
@@ -104,7 +119,10 @@ def plan_training(
             return estimate_training_memory(model, input_shape, batch, optimizer=optimizer, trainable=trainable,
                                             device="cpu")
 
-    return plan_within(budget_bytes, with_hooks(estimate, hooks_bytes),
+    planned = with_hooks(estimate, hooks_bytes)
+    if optimizer_memory is not None:
+        planned = with_optimizer_state(planned, optimizer_memory)
+    return plan_within(budget_bytes, planned,
                        lambda: freeze_units(model, input_shape, device=device[0]),
                        batch_sizes=batch_sizes,
                        preferred_batch=preferred_batch, allow_freeze=allow_freeze)

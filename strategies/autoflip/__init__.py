@@ -1,9 +1,12 @@
 """AutoFLIP (Internò et al. 2024; ALGORITHMS.md §3): federated loss exploration →
 guidance scores → quantile mask. Everything of the method is in this folder:
 
-- `server.py`: the server half (`AutoFLIP`: scores from the deltas' second moment);
-- `agent.py`: the agent half (plain exploration, then masked training and uploads);
-- `ops.py`: guidance scores and masks as torch functions.
+- `server.py`: the server half (`AutoFLIP`: exploration rounds before training, the
+  guidance summed over them, the mask);
+- `agent.py`: the agent half (a scout with early stopping uploading (θ_k − θ₀)², then
+  masked training and uploads);
+- `ops.py`: the scout's training loop and the guidance maths, pure functions;
+- `common.py`: the exploration defaults and upload names both halves share.
 """
 
 from strategies.autoflip.agent import autoflip_hooks

@@ -10,12 +10,13 @@ from typing import Any
 
 from strategies.base import RoundContext, Weights
 
-__all__ = ["GATE_SEED", "RATIO", "SKIP_FIRST", "STAT_KINDS", "gated_initial_weights", "initial_weights_from_params",
-           "stat_key"]
+__all__ = ["EXPORT_RANKS", "GATE_SEED", "RATIO", "SKIP_FIRST", "STAT_KINDS", "gated_initial_weights",
+           "initial_weights_from_params", "stat_key"]
 
 STAT_KINDS = ("gate", "usage", "macs")  # per layer: ḡ (C,), usage fraction (C,), MACs fraction (1,)
 GATE_SEED = 0  # gate initialisation (the convs' init is the federation's seeded model)
 RATIO, SKIP_FIRST = 0.7, True  # channels kept per sample; the first conv stays ungated
+EXPORT_RANKS = ("usage", "gate_l2")  # how the static export ranks a gated layer's channels (`ops`)
 
 
 def stat_key(kind: str, layer: str) -> str:

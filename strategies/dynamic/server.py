@@ -17,7 +17,9 @@
   the gated network into a static one: `ungate` folds ḡ into each layer (rarely used
   channels get a small scale), then whole channels are removed (torch-pruning, widths
   rounded to `round_to`) until the MACs are `export_macs` of the plain model's, ranking a
-  gated layer's channels by ḡ × group L2 magnitude (plain L2 elsewhere). The result is the
+  gated layer's channels (plain L2 elsewhere) by `export_rank`: "usage" (default, as
+  ALGORITHMS.md §1 says: how often the gates kept each channel on the clients' data,
+  ties broken by group L2) or "gate_l2" (ḡ × group L2 magnitude). The result is the
   plain zoo model, pruned: the final evaluation, the `macs` metric and the ONNX export
   see the static structured model. Rounds after it (`finetune_rounds`) fine-tune that
   model with plain FedAvg.
@@ -26,12 +28,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from strategies.base import AUX_PREFIX, RoundContext, RoundResult, Strategy, Weights
-from strategies.dynamic.common import RATIO, SKIP_FIRST, STAT_KINDS, gated_initial_weights, stat_key
+from strategies.dynamic.common import (
+    EXPORT_RANKS,
+    RATIO,
+    SKIP_FIRST,
+    STAT_KINDS,
+    gated_initial_weights,
+    stat_key,
+)
 from strategies.fedavg import apply_mean_delta
 
 __all__ = ["DynamicPruning", "aux_shapes_for", "gate_stats"]
@@ -65,13 +74,17 @@ class DynamicPruning(Strategy):
     name = "dynamic"
 
     def __init__(self, *, ratio: float = RATIO, export_macs: float = 0.5, round_to: int = 8,
-                 skip_first: bool = SKIP_FIRST, finetune_rounds: int = 0, server_lr: float = 1.0) -> None:
+                 skip_first: bool = SKIP_FIRST, finetune_rounds: int = 0, server_lr: float = 1.0,
+                 export_rank: Literal["usage", "gate_l2"] = "usage") -> None:
         if not 0 < ratio <= 1:
             raise ValueError("ratio must be in (0, 1]")
         if not 0 < export_macs <= 1:
             raise ValueError("export_macs must be in (0, 1]")
         if round_to < 1 or finetune_rounds < 0 or server_lr <= 0:
             raise ValueError("need round_to >= 1, finetune_rounds >= 0 and server_lr > 0")
+        if export_rank not in EXPORT_RANKS:
+            raise ValueError(f"export_rank must be one of {EXPORT_RANKS}, not {export_rank!r}")
+        self.export_rank = export_rank
         self.ratio, self.export_macs, self.round_to = ratio, export_macs, round_to
         self.skip_first, self.finetune_rounds, self.server_lr = skip_first, finetune_rounds, server_lr
 
@@ -105,17 +118,22 @@ class DynamicPruning(Strategy):
             return RoundResult(new, state=dict(stats or {}), metrics=metrics)
         if stats is None:  # no agent ever reported: drop the gates unscaled rather than stall
             gates = {layer: np.ones(c, dtype=np.float32) for layer, c in widths.items()}
+            usage = gates  # every channel equally used: the L2 tie-break ranks them
             metrics["export_without_stats"] = 1
         else:
             gates = {layer: stats[stat_key("gate", layer)] for layer in widths}
-        exported = self.export(ctx, new, gates)
+            usage = {layer: stats[stat_key("usage", layer)] for layer in widths}
+        exported = self.export(ctx, new, gates, usage)
         metrics.update(exported=1, export_macs=_macs_of(ctx, exported) / profile["dense"])
         return RoundResult(exported, structure_changed=True, reshape=None, metrics=metrics)
 
     # ------------------------------------------------------------------ torch parts
-    def export(self, ctx: RoundContext, weights: Weights, gates: Mapping[str, np.ndarray]) -> Weights:
+    def export(self, ctx: RoundContext, weights: Weights, gates: Mapping[str, np.ndarray],
+               usage: Mapping[str, np.ndarray] | None = None) -> Weights:
         """The static model: gated `weights` with the mean gates folded in (`ungate`),
-        channel-pruned to `export_macs` of the plain model's MACs. Plain zoo keys."""
+        channel-pruned to `export_macs` of the plain model's MACs, a gated layer's channels
+        ranked by `export_rank` (`usage`: per layer, the fraction of samples keeping each
+        channel; needed for "usage"). Plain zoo keys."""
         import torch
 
         from models.gating import gated_layers, ungate
@@ -125,17 +143,21 @@ class DynamicPruning(Strategy):
 
         model = build_from_state(ctx.model, weights, in_channels=ctx.in_channels, num_classes=ctx.num_classes,
                                  image_size=ctx.image_size)
+        ranked = gates if self.export_rank == "gate_l2" else usage
+        if ranked is None:
+            raise ValueError("export_rank 'usage' needs the channels' usage")
         convs = []
         for layer, gated in gated_layers(model).items():
-            # torch-pruning slices a parameter's .grad with it: seeded with ḡ per output
-            # channel, the grad keeps telling each surviving channel's ḡ after every cut
-            g = torch.as_tensor(np.asarray(gates[layer]), dtype=torch.float32)
+            # torch-pruning slices a parameter's .grad with it: seeded with the ranking's
+            # statistic (ḡ or usage) per output channel, the grad keeps telling each
+            # surviving channel's value after every cut
+            g = torch.as_tensor(np.asarray(ranked[layer]), dtype=torch.float32)
             gated.conv.weight.grad = g[:, None, None, None].expand_as(gated.conv.weight).clone()
             convs.append(gated.conv)
         ungate(model, gates)
         size = ctx.image_size or default_image_size(ctx.in_channels)
         prune_channels(model, torch.zeros(1, ctx.in_channels, size, size), target_macs=self.export_macs,
-                       round_to=self.round_to, importance=_gate_scaled_l2(convs))
+                       round_to=self.round_to, importance=_gated_importance(convs, self.export_rank))
         for p in model.parameters():
             p.grad = None
         return to_numpy_state(model)
@@ -195,20 +217,23 @@ def _gate_metrics(stats: Mapping[str, np.ndarray], widths: Mapping[str, int],
     }
 
 
-def _gate_scaled_l2(convs: list[Any]) -> Any:
-    """Group L2 magnitude (torch-pruning's), times the mean over the group's gated convs
-    of each channel's ḡ (read from the conv's seeded .grad, see `export`)."""
+def _gated_importance(convs: list[Any], rank: str) -> Any:
+    """Group L2 magnitude (torch-pruning's) where no gated conv is in the group; else the
+    mean over the group's gated convs of each channel's statistic (read from the conv's
+    seeded .grad, see `export`) combined with it: `usage_scores` or `gate_l2_scores`."""
     import torch
     from torch_pruning.pruner import function
 
     from pruning.structured import IMPORTANCES
+    from strategies.dynamic.ops import gate_l2_scores, usage_scores
 
     base = IMPORTANCES["l2"]()
     gated = {id(c) for c in convs}
+    combine = usage_scores if rank == "usage" else gate_l2_scores
 
     def score(group: Any) -> torch.Tensor:
         scores = base(group)  # (n,) over the root's current channels
-        factor, count = torch.zeros_like(scores), 0
+        stat, count = torch.zeros_like(scores), 0
         for i, (dep, idxs) in enumerate(group):
             layer = dep.layer
             if dep.pruning_fn != function.prune_conv_out_channels or id(layer) not in gated:
@@ -216,8 +241,8 @@ def _gate_scaled_l2(convs: list[Any]) -> Any:
             grad = layer.weight.grad
             if grad is None or len(idxs) != scores.numel():
                 continue
-            factor[torch.as_tensor(group[i].root_idxs)] += grad[torch.as_tensor(idxs), 0, 0, 0].to(scores.dtype)
+            stat[torch.as_tensor(group[i].root_idxs)] += grad[torch.as_tensor(idxs), 0, 0, 0].to(scores.dtype)
             count += 1
-        return scores * (factor / count) if count else scores
+        return combine(stat / count, scores) if count else scores
 
     return score

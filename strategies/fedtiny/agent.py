@@ -5,8 +5,9 @@
 - phase "select": evaluate each candidate with the averaged BN statistics from the task,
   upload the mean losses; no training.
 - phase "train": the mask is the task's mask artifact (`strategies.masking.agent_masks`,
-  the selected candidate after the select round); re-apply it after every step and upload
-  only kept coordinates. When the task asks for growth, keep the top-n |grad| at
+  the selected candidate after the select round); train with `KeptSGD` (updates and
+  momentum at kept coordinates only, so the mask holds without re-masking and no dense
+  momentum buffer is held) and upload only kept coordinates. When the task asks for growth, keep the top-n |grad| at
   pruned positions of the named layers over the epoch (O(n) state, `PrunedGradientTopK`)
   and upload them as ``aux/grow/<layer>``.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from strategies.fedtiny.ops import (
     pool_from_state,
     recalibrate_bn,
 )
+from strategies.fedtiny.sparse_sgd import KeptSGD, kept_sgd_grad_bytes, kept_sgd_state_bytes
 from strategies.masking import agent_masks
 
 __all__ = ["fedtiny_hooks"]
@@ -49,18 +52,26 @@ def fedtiny_hooks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
         return LocalHooks(train=False, aux=lambda: stats(model, pool, data, bn))
     masks = agent_masks(params, model, weights, fedtiny_weight_names(model))
     apply_masks(model, masks)
+    named = dict(model.named_parameters())
+    by_param = {id(named[n]): m for n, m in masks.items()}
+    built: list[KeptSGD] = []  # the optimizer run_task builds, for the training context
 
-    def after_step() -> None:
-        apply_masks(model, masks)
+    def optimizer(trainable: list[nn.Parameter], lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+        # updates (and momentum) at kept coordinates only: the mask holds without re-masking
+        built[:] = [KeptSGD(trainable, masks=by_param, lr=lr, momentum=momentum, weight_decay=wd)]
+        return built[0]
+
+    def optimizer_memory(frozen: tuple[str, ...], momentum: bool) -> tuple[int, int]:
+        trains = {n: p for n, p in named.items() if n not in frozen and p.requires_grad}
+        return kept_sgd_grad_bytes(trains, masks), kept_sgd_state_bytes(trains, masks, momentum=momentum)
 
     grow = {n: int(k) for n, k in params.get("grow", {}).items()}
-    # the boolean masks, and apply_masks' float copy of one mask after each step
-    extra = masks_bytes(masks) + largest_bytes(masks)
-    hooks = LocalHooks(after_step=after_step, upload_support={n: m.cpu().numpy() for n, m in masks.items()})
+    extra = masks_bytes(masks)  # the boolean masks (the upload's support, the tops' pruned positions)
+    training = _Training(model, masks, grow, built)
+    hooks = LocalHooks(optimizer=optimizer, optimizer_memory=optimizer_memory, context=training,
+                       upload_support={n: m.cpu().numpy() for n, m in masks.items()})
     if grow:
-        tops = _TrainableTops(model, masks, grow)
-        hooks.context = tops
-        hooks.aux = _grow_upload(tops, weights)
+        hooks.aux = _grow_upload(training, weights)
 
         def with_tops(frozen: tuple[str, ...]) -> int:
             trains = {n: k for n, k in grow.items() if n not in frozen}  # frozen layers get no tops
@@ -77,23 +88,29 @@ def fedtiny_hooks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
     return hooks
 
 
-class _TrainableTops:
-    """`PrunedGradientTopK` over the grown layers that train: a memory plan may freeze
-    leading layers, which then get no gradient (their tops upload as zeros)."""
+class _Training:
+    """Around local training: `PrunedGradientTopK` over the grown layers that train (a
+    memory plan may freeze leading layers, which then get no gradient: their tops upload as
+    zeros), then the optimizer's `consume_in_backward`, entered second so that its gradient
+    hooks run after the tops' (they need each gradient whole, at pruned positions)."""
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], grow: dict[str, int]) -> None:
-        self.model, self.masks, self.grow = model, masks, grow
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], grow: dict[str, int],
+                 built: list[KeptSGD]) -> None:
+        self.model, self.masks, self.grow, self.built = model, masks, grow, built
         self.tops: PrunedGradientTopK | None = None
+        self._stack = ExitStack()
 
-    def __enter__(self) -> _TrainableTops:
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        self.tops = PrunedGradientTopK(self.model, self.masks, {n: k for n, k in self.grow.items() if n in trainable})
-        self.tops.__enter__()
+    def __enter__(self) -> _Training:
+        if self.grow:
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            self.tops = self._stack.enter_context(
+                PrunedGradientTopK(self.model, self.masks, {n: k for n, k in self.grow.items() if n in trainable}))
+        if self.built:  # built before training starts (run_task); else the step gathers itself
+            self._stack.enter_context(self.built[0].consume_in_backward())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.tops is not None:
-            self.tops.__exit__(None, None, None)
+        self._stack.close()
 
     def result(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return self.tops.result() if self.tops is not None else {}
@@ -126,7 +143,7 @@ def _candidate_losses(model: nn.Module, pool: list[Weights], data: ImageDataset,
     return {"aux/loss": losses}
 
 
-def _grow_upload(tops: _TrainableTops, weights: Weights) -> Callable[[], Weights]:
+def _grow_upload(tops: _Training, weights: Weights) -> Callable[[], Weights]:
     def aux() -> Weights:
         out = {}
         result = tops.result()

@@ -1,5 +1,11 @@
 """FedTiny (Huang et al., ICDCS 2023; ALGORITHMS.md §2), server half.
 
+Round 0 (`initial_weights`, optional): with ``pretrain`` the server first trains the seeded
+model briefly on a tiny labelled set the coordinator loads at create (an .npz the operator
+holds, or the first samples of each class of the federation's own training split as a
+benchmark's stand-in), so the pool prunes trained weights (`strategies.fedtiny.pretrain`).
+Agents download that model: they do not hold the set to rebuild it.
+
 Setup rounds (statistics only, on top of the federation's training rounds):
 
 - **bn** (models with BatchNorm only): every sampled agent rebuilds the candidate pool —
@@ -37,8 +43,9 @@ import numpy as np
 
 from models.state import is_bn_stat
 from pruning.schedules import CosineGrowRate
-from strategies.base import RoundContext, RoundResult, Strategy, Weights
+from strategies.base import LabelledSetRequest, RoundContext, RoundResult, Strategy, Weights
 from strategies.fedavg import apply_mean_delta
+from strategies.fedtiny.pretrain import PretrainSpec, pretrained_initial_weights
 from strategies.masking import (
     apply_np_masks,
     density_of,
@@ -85,7 +92,8 @@ class FedTiny(Strategy):
 
     def __init__(self, *, density: float = 0.1, pool_size: int = 5, every: int | None = None,
                  t_end: int | None = None, grow_rate: float = 0.1, granularity: Literal["layer", "block"] = "layer",
-                 grow_lr: float = 0.05, seed: int = 0, server_lr: float = 1.0) -> None:
+                 grow_lr: float = 0.05, seed: int = 0, server_lr: float = 1.0,
+                 pretrain: dict[str, Any] | None = None) -> None:
         if not 0.0 < density <= 1.0:
             raise ValueError("density must be in (0, 1]")
         if pool_size < 1 or (every is not None and every < 1) or (t_end is not None and t_end < 1):
@@ -97,6 +105,17 @@ class FedTiny(Strategy):
         self.density, self.pool_size, self.every_, self.t_end_ = density, pool_size, every, t_end
         self.initial_rate, self.granularity, self.grow_lr = grow_rate, granularity, grow_lr
         self.seed, self.server_lr = seed, server_lr
+        # the server's brief pre-training on a tiny labelled set (strategies.fedtiny.pretrain)
+        self.pretrain = None if pretrain is None else PretrainSpec.from_params(pretrain)
+
+    # ------------------------------------------------------------------ round 0
+    def labelled_set(self) -> LabelledSetRequest | None:
+        return None if self.pretrain is None else self.pretrain.request()
+
+    def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
+        # agents cannot rebuild this (they lack the tiny set): the agent half declares no
+        # initial_weights, so they download the round-0 model
+        return pretrained_initial_weights(weights, ctx, self.pretrain, seed=self.seed)
 
     # ------------------------------------------------------------------ schedule
     def setup_rounds(self, weights: Weights) -> int:

@@ -120,7 +120,8 @@ def test_ungate_is_exact_for_constant_gates(name: str, in_channels: int, ratio: 
         torch.testing.assert_close(fresh(x), gated_out, rtol=1e-5, atol=1e-5)
 
 
-def test_export_prunes_never_used_channels_first_and_meets_the_macs_target() -> None:
+@pytest.mark.parametrize("rank", ["usage", "gate_l2"])
+def test_export_prunes_never_used_channels_first_and_meets_the_macs_target(rank: str) -> None:
     w = _initial("fedavg_cnn")
     rng = np.random.default_rng(0)
     unused = np.sort(rng.choice(64, size=24, replace=False))
@@ -131,14 +132,68 @@ def test_export_prunes_never_used_channels_first_and_meets_the_macs_target() -> 
     fc = w["classifier.1.weight"].reshape(512, 64, 25)  # (out, channel, 5·5 positions)
     fc[:, unused] *= 10
     ctx = RoundContext(2, 2, "fedavg_cnn", 1, 10, None, 2)
-    s = DynamicPruning(export_macs=0.5)
-    out = s.export(ctx, w, {"features.3": gates})
+    s = DynamicPruning(export_macs=0.5, export_rank=rank)  # type: ignore[arg-type]
+    out = s.export(ctx, w, {"features.3": gates}, {"features.3": gates})  # never kept: ḡ = usage = 0
     assert set(out) == _float_keys(build_model("fedavg_cnn"))
     conv = out["features.3.weight"]
     assert conv.shape[0] % 8 == 0 and conv.shape[0] <= 40
     assert np.abs(conv).reshape(conv.shape[0], -1).sum(1).min() > 0  # no folded-to-zero filter survived
     plain = build_from_state("fedavg_cnn", out, in_channels=1, num_classes=10)
     assert count_macs(plain, (1, 28, 28)) <= 0.5 * count_macs(build_model("fedavg_cnn"), (1, 28, 28))
+
+
+def _kept_channels(folded_bias: np.ndarray, exported_bias: np.ndarray) -> list[int]:
+    """Which original channels the exported ones are: each channel's bias (with its ḡ
+    folded in) is distinct, and the export keeps it exactly (its inputs may be cut)."""
+    match = np.abs(exported_bias[:, None] - folded_bias[None, :])  # (kept, original)
+    assert np.allclose(match.min(1), 0.0, atol=1e-7)
+    return sorted(int(j) for j in match.argmin(1))
+
+
+@pytest.mark.parametrize("rank", ["usage", "gate_l2"])
+def test_export_keeps_exactly_the_most_used_channels(rank: str) -> None:
+    # Kills (with rank="usage", the default): ranking by ḡ × L2 or plain L2, which keep the
+    # least used here, and keeping the least used. The "gate_l2" case shows the two differ.
+    w = _initial("fedavg_cnn")
+    rng = np.random.default_rng(1)
+    usage = (rng.permutation(64) / 64).astype(np.float32)  # distinct: no tie-break needed
+    gates = (1.05 - usage).astype(np.float32)  # the least used have the largest mean gate...
+    w["features.3.conv.weight"] *= (2.0 - usage)[:, None, None, None]  # ...and the largest group L2
+    w["classifier.1.weight"].reshape(512, 64, 25)[:] *= (2.0 - usage)[None, :, None]
+    w["features.3.conv.bias"] = rng.permutation(np.linspace(0.1, 1.0, 64)).astype(np.float32)
+    folded = w["features.3.conv.bias"] * gates  # what ungate makes of each channel's bias
+    ctx = RoundContext(2, 2, "fedavg_cnn", 1, 10, None, 2)
+    assert DynamicPruning().export_rank == "usage"
+    out = DynamicPruning(export_macs=0.5, export_rank=rank).export(  # type: ignore[arg-type]
+        ctx, w, {"features.3": gates}, {"features.3": usage})
+    kept = _kept_channels(folded, out["features.3.bias"])
+    k = len(kept)
+    assert 8 <= k < 64 and k % 8 == 0
+    most_used = sorted(int(j) for j in np.argsort(-usage)[:k])
+    if rank == "usage":
+        assert kept == most_used
+    else:
+        assert kept == sorted(int(j) for j in np.argsort(usage)[:k])  # ḡ × L2 keeps the least used
+    assert np.abs(out["features.3.bias"] - folded[kept]).max() < 1e-7  # ḡ folded in, as before
+
+
+@pytest.mark.parametrize(("usage", "l2", "order"), [
+    ([0.2, 0.9, 0.5], [3.0, 1.0, 2.0], [0, 2, 1]),  # usage decides, whatever the magnitude
+    ([0.5, 0.5, 0.1], [1.0, 2.0, 9.0], [2, 0, 1]),  # a tie in usage: the larger L2 ranks higher
+    ([1.0, 1.0, 1.0], [2.0, 3.0, 1.0], [2, 0, 1]),  # no statistics (all used): plain L2
+])
+def test_usage_scores_rank_by_usage_then_l2(usage: list[float], l2: list[float], order: list[int]) -> None:
+    # Kills: ties broken by index (or against L2), usage ignored, the order inverted.
+    from strategies.dynamic.ops import usage_scores
+
+    scores = usage_scores(torch.tensor(usage), torch.tensor(l2, dtype=torch.float64))
+    assert scores.dtype == torch.float64
+    assert torch.argsort(scores).tolist() == order  # least kept first
+
+
+def test_export_rank_is_checked() -> None:
+    with pytest.raises(ValueError, match="export_rank"):
+        DynamicPruning(export_rank="random")  # type: ignore[arg-type]
 
 
 def _dataset(parts: list[ImageDataset]) -> ImageDataset:

@@ -1,4 +1,4 @@
-"""The round's second moment (AutoFLIP's guidance, `wants_second_moment`) is the weighted
+"""The round's second moment (`wants_second_moment`) is the weighted
 mean of the *squared* deltas, folded by `coordinator.aggregation.RoundUpdates` beside the
 mean. Oracle: dense numpy over the same uploads. A fold of δ instead of δ² (or of the
 unclipped δ, or of the aux statistics) fails here: the deltas have negative entries,
