@@ -35,6 +35,7 @@ from coordinator.metrics import CONTENT_TYPE, UploadOutcomes
 from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
+    MASK_HEADER,
     MAX_ID,
     MAX_LEVELS,
     NEEDS_HEADER,
@@ -255,12 +256,15 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         return Response(task, media_type="application/json")
 
     # ---------------------------------------------------------------- models (members or admin)
-    def _model_response(fid: str, version: int | None, patch: bool, reshape: bool = False) -> Response:
-        v, data, has_reshape = svc.model_bytes(fid, version, patch=patch, reshape=reshape)
-        svc.metrics.served(len(data))
-        kind = "reshape" if reshape else "patch" if patch else "model"
-        headers = {VERSION_HEADER: str(v), KIND_HEADER: kind, RESHAPE_HEADER: "1" if has_reshape else "0"}
-        return Response(data, media_type="application/json" if reshape else _OCTETS, headers=headers)
+    def _model_response(fid: str, version: int | None, patch: bool, reshape: bool = False,
+                        mask: bool = False) -> Response:
+        served = svc.model_bytes(fid, version, patch=patch, reshape=reshape, mask=mask)
+        svc.metrics.served(len(served.data))
+        kind = ("mask-patch" if mask and patch else "mask" if mask else "reshape" if reshape
+                else "patch" if patch else "model")
+        headers = {VERSION_HEADER: str(served.version), KIND_HEADER: kind,
+                   RESHAPE_HEADER: "1" if served.reshaped else "0", MASK_HEADER: served.mask_sha256}
+        return Response(served.data, media_type="application/json" if reshape else _OCTETS, headers=headers)
 
     def reader(fid: FederationId, token: Annotated[str | None, Depends(_bearer)]) -> None:
         svc.check_reader(token, fid)
@@ -279,6 +283,18 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
     def model_patch(fid: FederationId, version: VersionNo) -> Response:
         """Delta from version-1; apply the reshape first when the RESHAPE header says 1."""
         return _model_response(fid, version, True)
+
+    @api.get("/federations/{fid}/models/{version}/mask", dependencies=[Reader], response_class=Response)
+    def model_mask(fid: FederationId, version: VersionNo) -> Response:
+        """The keep-masks of `version` (sparse_kernels.masks; sha256 = the task's and the
+        MASK header's mask_sha256): apply w⊙m after the patch. 404 when it has none."""
+        return _model_response(fid, version, False, mask=True)
+
+    @api.get("/federations/{fid}/models/{version}/mask/patch", dependencies=[Reader], response_class=Response)
+    def model_mask_patch(fid: FederationId, version: VersionNo) -> Response:
+        """The flips from version-1's mask to `version`'s (a mask artifact of the XOR): for
+        an agent holding version-1's mask. 404 when unchanged or there was none."""
+        return _model_response(fid, version, True, mask=True)
 
     @api.get("/federations/{fid}/models/{version}/levels/{level}", dependencies=[Reader], response_class=Response)
     def model_level(fid: FederationId, version: VersionNo, level: LevelNo,

@@ -35,6 +35,7 @@ __all__ = [
     "TaskDecline",
     "TaskLevel",
     "LevelsSpec",
+    "MASK_HEADER",
     "NEEDS_HEADER",
     "TrainingConfig",
     "UpdateReceipt",
@@ -47,6 +48,9 @@ REPORT_HEADER = "X-Fedslim-Report"
 VERSION_HEADER = "X-Fedslim-Version"
 KIND_HEADER = "X-Fedslim-Kind"
 RESHAPE_HEADER = "X-Fedslim-Reshape"  # "1": slice your weights with .../reshape before the patch
+# On model and patch downloads: the sha256 of that version's mask artifact (.../mask), ""
+# when it has none; an agent applies w⊙m after the patch (so patches chain without a task)
+MASK_HEADER = "X-Fedslim-Mask"
 # On a task poll answered 204: JSON {federation: bytes} for the federations whose width
 # levels all need more training memory than the agent's budget (the smallest level's need)
 NEEDS_HEADER = "X-Fedslim-Needs"
@@ -354,6 +358,10 @@ class Task(_Strict):
     # sha256 of the base model's canonical bytes: an agent that can rebuild them (the
     # seeded initial model) skips the download
     model_sha256: str = ""
+    # sha256 of model_version's mask artifact (GET .../models/{version}/mask, sparse_kernels.masks):
+    # the strategy's keep-masks, applied after the model download and read by its agent half;
+    # "" when the strategy keeps none
+    mask_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
     seed: int = 0
     download_values: ValueEncoding = "fp32"
     # width levels (widest first) and the one this agent was given: it trains that slice

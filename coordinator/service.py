@@ -57,17 +57,29 @@ from models.state import is_bn_stat
 from models.zoo import model_identity
 from pruning.levels import level_slices
 from sparse_kernels import MAX_MODEL_BYTES, decode, warmup_density
+from sparse_kernels.masks import encode_masks, mask_patch
 from sparse_kernels.npz import arrays_from_npz as _from_npz
 from sparse_kernels.npz import arrays_to_npz as _npz
 from sparse_kernels.patch import encode_model
 from sparse_kernels.reshape import apply_reshape
 from strategies import RoundContext, Strategy, Weights, build_strategy
+from strategies.masking import masks_from_state
 
-__all__ = ["CoordinatorService"]
+__all__ = ["CoordinatorService", "Served"]
 
 log = logging.getLogger("fedslim.coordinator")
 MAX_MODEL_BLOB = MAX_MODEL_BYTES  # stored full models: written by us, read back without a smaller cap
 _ACTIVE = ("running", "paused")
+
+
+@dataclass(frozen=True)
+class Served:
+    """Bytes of one model version's artifact, with what its download headers say."""
+
+    version: int
+    data: bytes
+    reshaped: bool  # the version has a reshape (apply it before the patch)
+    mask_sha256: str  # the version's mask artifact ("" for none): apply w⊙m after the patch
 
 
 @dataclass
@@ -160,15 +172,18 @@ class CoordinatorService:
             request = strategy.labelled_set()
             if request is not None:  # FedTiny's pre-training set: a bad path is refused here
                 ctx = replace(ctx, labelled=load_labelled_set(config, request, self.evaluator.input_shape(config)))
+            state = strategy.initial_state(weights, ctx)
             weights = round_for_broadcast(strategy.initial_weights(weights, ctx), config.download_values)
         except (ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:  # RuntimeError: torch
             raise BadRequest(f"federation config refused: {str(exc)[:500]}") from None
         fid = uuid.uuid4().hex[:12]
         blob = self.store.blobs.put(encode_model(fid, 0, weights))
+        state_blob = self.store.blobs.put(_npz(state)) if state else None
+        mask_blob, _ = self._put_masks(state)
         row = FederationRow(fid, config.model_dump(mode="json"), FederationStatus.created.value, 0, 0, time.time())
         with self.store.tx() as conn:
             self.store.add_federation(conn, row)
-            self.store.add_model(conn, fid, 0, blob, None, None)
+            self.store.add_model(conn, fid, 0, blob, None, state_blob, mask_blob=mask_blob)
         return row
 
     def get_federation(self, fid: str) -> FederationRow:
@@ -241,23 +256,38 @@ class CoordinatorService:
             raise Forbidden(f"agent {agent.id} takes no part in federation {fid}")
 
     def model_bytes(self, fid: str, version: int | None, *, patch: bool = False,
-                    reshape: bool = False) -> tuple[int, bytes, bool]:
-        """Full model (codec kind=model), the patch from version-1, or the reshape (JSON)
-        into `version`; counts the bytes. The flag says whether `version` has a reshape."""
+                    reshape: bool = False, mask: bool = False) -> Served:
+        """Full model (codec kind=model), the patch from version-1, the reshape (JSON) into
+        `version`, or its mask artifact (`sparse_kernels.masks`; with `patch`, the mask
+        patch from version-1's); counts the bytes."""
         row = self.get_federation(fid)
         version = row.model_version if version is None else version
         with self.store.tx() as conn:
             m = self.store.get_model(conn, fid, version)
         if m is None:
             raise NotFound(f"model version {version} of federation {fid} not found")
-        digest = m["reshape_blob"] if reshape else m["patch_blob"] if patch else m["blob"]
+        what = ("mask_patch" if mask and patch else "mask" if mask else "reshape" if reshape
+                else "patch" if patch else "blob")
+        digest = m[f"{what}_blob"] if what != "blob" else m["blob"]
         if digest is None:
-            raise NotFound(f"no {'reshape' if reshape else 'patch'} into version {version}")
+            raise NotFound(f"no {what.replace('_', ' ')} {'of' if mask else 'into'} version {version}")
         data = self.blob_cache.get(digest, self.store.blobs.get)
         with self._served_lock:
             key = (fid, row.current_round + 1)
             self._served[key] = self._served.get(key, 0) + len(data)
-        return version, data, m["reshape_blob"] is not None
+        return Served(version, data, m["reshape_blob"] is not None, m["mask_blob"] or "")
+
+    def _put_masks(self, state: dict[str, np.ndarray], before: dict[str, np.ndarray] | None = None,
+                   ) -> tuple[str | None, str | None]:
+        """Store the mask artifact of the strategy's "mask/<name>" arrays and, when the
+        previous version's (`before`) differ, the mask patch between them: their sha256s."""
+        masks = masks_from_state(state)
+        if not masks:
+            return None, None
+        data = encode_masks(masks)
+        old = masks_from_state(before or {})
+        patch = mask_patch(old, masks) if old and encode_masks(old) != data else None
+        return self.store.blobs.put(data), self.store.blobs.put(patch) if patch is not None else None
 
     def level_model_bytes(self, fid: str, version: int, rnd: int, level: int) -> bytes:
         """The slice of width level `level` of round `rnd` of model `version` (codec
@@ -311,6 +341,7 @@ class CoordinatorService:
             }),
             deadline=row.deadline, memory_budget_mb=cfg.memory_budget_mb,
             model_sha256=base["blob"] if base else "", seed=cfg.seed, download_values=cfg.download_values,
+            mask_sha256=(base["mask_blob"] or "") if base else "",
             levels=task_levels(self._levels(live, row.round)),
             model_shapes={k: list(v.shape) for k, v in live.weights.items()} if cfg.levels is not None else {},
             **_model_identity(cfg),
@@ -644,9 +675,11 @@ class CoordinatorService:
         if bad:
             raise FederationFailed(f"round {row.round}: the aggregate is not finite in {', '.join(bad[:3])}")
         version = fed.model_version + 1
+        # the version's keep-masks: applied after the patch here and by every agent
+        masks = masks_from_state(result.state)
         cast = make_broadcast(fed.id, version, live.weights, live.state, result,
                               density=warmup_density(cfg.download_density, row.round, cfg.density_warmup_rounds),
-                              values=cfg.download_values)
+                              values=cfg.download_values, masks=masks or None)
         state = {**result.state, **cast.residual}
         mode = cfg.data.evaluation_mode()
         evaluation = self.evaluator.evaluate(cfg, cast.weights) if mode != "federated" else None
@@ -669,11 +702,13 @@ class CoordinatorService:
         patch_blob = self.store.blobs.put(cast.patch) if cast.patch is not None else None
         reshape_blob = self.store.blobs.put(cast.reshape) if cast.reshape is not None else None
         state_blob = self.store.blobs.put(_npz(state)) if state else None
+        mask_blob, mask_patch_blob = self._put_masks(result.state, live.state)
         done = row.round >= cfg.rounds + live.strategy.setup_rounds(live.weights)
         with self.store.tx() as conn:  # one transaction: round closed + new model + federation
             if served:
                 self.store.add_download_bytes(conn, fed.id, row.round, served)
-            self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob)
+            self.store.add_model(conn, fed.id, version, full_blob, patch_blob, state_blob, reshape_blob, mask_blob,
+                                 mask_patch_blob)
             self.store.put_round(conn, RoundRow(fed.id, row.round, "closed", row.attempt, row.base_version,
                                                 row.selected, row.opened_at, row.deadline, now, metrics))
             self.store.update_federation(conn, fed.id, current_round=row.round, model_version=version,

@@ -114,6 +114,8 @@ models = Table(
     Column("patch_blob", String(64)),  # delta from version-1, when the structure is unchanged
     Column("state_blob", String(64)),  # strategy state (npz, no pickle)
     Column("reshape_blob", String(64)),  # kept channels from version-1 (JSON), if pruned
+    Column("mask_blob", String(64)),  # the strategy's keep-masks (sparse_kernels.masks), if it has any
+    Column("mask_patch_blob", String(64)),  # their flips from version-1's masks, when both exist
     Column("created_at", Float, nullable=False),
 )
 downloads = Table(  # bytes served per (federation, round) for the metrics
@@ -451,10 +453,12 @@ class Store:
 
     # ---------------------------------------------------------------- models
     def add_model(self, conn: Connection, fid: str, version: int, blob: str,
-                  patch_blob: str | None, state_blob: str | None, reshape_blob: str | None = None) -> None:
+                  patch_blob: str | None, state_blob: str | None, reshape_blob: str | None = None,
+                  mask_blob: str | None = None, mask_patch_blob: str | None = None) -> None:
         conn.execute(models.insert().values(
             federation_id=fid, version=version, blob=blob, patch_blob=patch_blob,
-            state_blob=state_blob, reshape_blob=reshape_blob, created_at=time.time(),
+            state_blob=state_blob, reshape_blob=reshape_blob, mask_blob=mask_blob,
+            mask_patch_blob=mask_patch_blob, created_at=time.time(),
         ))
 
     def get_model(self, conn: Connection, fid: str, version: int) -> dict[str, Any] | None:

@@ -20,12 +20,21 @@ from coordinator.protocol import Task, UpdateReport
 from edge_agent.budget import rss_bytes
 from edge_agent.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnavailable
 from edge_agent.levels import SliceSource, local_slices, train_level
-from edge_agent.local import BudgetExceeded, evaluate_global, initial_weights, run_task
+from edge_agent.local import (
+    BudgetExceeded,
+    apply_mask_artifact,
+    evaluate_global,
+    initial_mask_artifact,
+    initial_weights,
+    run_task,
+    with_mask,
+)
 from edge_agent.local_data import LocalData, LocalDataError, holdout_split, to_dataset
 from edge_agent.policy import Policy, decide, read_conditions
 from models import ImageDataset
 from models.zoo import model_identity
 from sparse_kernels import MAX_MODEL_BYTES, CodecError, ErrorFeedback, Weights, decode
+from sparse_kernels.masks import apply_mask_patch
 from sparse_kernels.npz import escape_key, unescape_key
 from sparse_kernels.patch import apply_delta, encode_model
 from sparse_kernels.reshape import apply_reshape, decode_reshape
@@ -127,6 +136,7 @@ class EdgeAgent:
     holdout_fraction: float = 0.1  # held out for federated evaluation, when a task asks for it
     _model: tuple[str, int, Weights] | None = field(default=None, init=False)  # (federation, version, weights)
     _mapped: tuple[str, ImageDataset] | None = field(default=None, init=False)  # (input spec JSON, dataset)
+    _mask: tuple[str, bytes] | None = field(default=None, init=False)  # (sha256, mask artifact)
 
     # ------------------------------------------------------------------ model sync
     def sync_model(self, federation_id: str, version: int, task: Task | None = None) -> Weights:
@@ -144,16 +154,59 @@ class EdgeAgent:
             have, weights = self._model[1], {k: v.copy() for k, v in self._model[2].items()}
             try:
                 for v in range(have + 1, version + 1):
-                    patch, reshaped = self.client.download_patch(federation_id, v)
+                    patch, reshaped, mask = self.client.download_patch(federation_id, v)
                     if reshaped:  # channels were pruned: slice what we hold, then patch
                         shapes = {k: w.shape for k, w in weights.items()}
                         weights = apply_reshape(weights, decode_reshape(self.client.download_reshape(federation_id, v), shapes))
                     apply_delta(weights, decode(patch))
+                    if mask:  # then w⊙m, as the coordinator did after this patch
+                        weights = apply_mask_artifact(weights, self.mask_artifact(federation_id, v, mask))
                 return self._remember(federation_id, version, weights)
             except (CoordinatorRefused, KeyError, CodecError) as exc:  # no patch (structure changed): full download
                 log.info("patch path unavailable (%s); downloading the full model", exc)
         full = decode(self.client.download_model(federation_id, version), max_bytes=MAX_MODEL_BYTES)
         return self._remember(federation_id, version, full.to_dense())
+
+    def task_mask(self, task: Task) -> bytes:
+        """The mask artifact `task` names: rebuilt from the seed at version 0 (as the model
+        is, sha256 checked), else `mask_artifact`."""
+        if task.model_version == 0:
+            rebuilt = initial_mask_artifact(task)
+            if rebuilt is not None and hashlib.sha256(rebuilt).hexdigest() == task.mask_sha256:
+                return self._keep_mask(task.mask_sha256, rebuilt)
+        return self.mask_artifact(task.federation_id, task.model_version, task.mask_sha256)
+
+    def mask_artifact(self, federation_id: str, version: int, sha256: str) -> bytes:
+        """`version`'s mask artifact: cached (memory, then the state directory) when its
+        sha256 is the one named; else the mask patch applied to the one held (version-1's,
+        when this agent kept up), else downloaded whole; checked against the sha256
+        named (UnsafeModel if not)."""
+        if self._mask is None and (self.state.root / "mask.bin").exists():
+            data = (self.state.root / "mask.bin").read_bytes()
+            self._mask = (hashlib.sha256(data).hexdigest(), data)  # the file's own digest: no stale trust
+        if self._mask is not None and self._mask[0] == sha256:
+            return self._mask[1]
+        if self._mask is not None:
+            try:
+                held = self._mask[1]
+                shapes = {t.name: t.shape for t in decode(held).tensors}
+                patched = apply_mask_patch(held, self.client.download_mask_patch(federation_id, version), shapes=shapes)
+                if hashlib.sha256(patched).hexdigest() == sha256:
+                    return self._keep_mask(sha256, patched)
+                log.info("mask patch into version %d does not fit the mask held; downloading it whole", version)
+            except (CoordinatorRefused, CodecError) as exc:
+                log.info("mask patch into version %d unavailable (%s); downloading it whole", version, exc)
+        data = self.client.download_mask(federation_id, version)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise UnsafeModel(f"mask artifact of version {version}: sha256 differs from the one named")
+        return self._keep_mask(sha256, data)
+
+    def _keep_mask(self, sha256: str, data: bytes) -> bytes:
+        tmp = self.state.root / "mask.bin.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(self.state.root / "mask.bin")
+        self._mask = (sha256, data)
+        return data
 
     def _remember(self, federation_id: str, version: int, weights: Weights) -> Weights:
         check_model(weights)  # before it is cached: a poisoned model is never kept
@@ -221,6 +274,10 @@ class EdgeAgent:
             result = train_level(task, self._slices(task), data, feedback, **kw)
         else:
             weights = self.sync_model(task.federation_id, task.model_version, task)
+            if task.mask_sha256:  # the mask is the artifact the task names, never the zeros downloaded
+                artifact = self.task_mask(task)
+                weights = apply_mask_artifact(weights, artifact)
+                task = with_mask(task, artifact)
             if held is not None:  # the global model as received, before local training changes it
                 ev = evaluate_global(task, weights, held)
                 evaluated = {"eval_samples": ev.samples, "eval_loss": ev.loss, "eval_accuracy": ev.accuracy}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ import httpx
 from coordinator.protocol import (
     API_PREFIX,
     KIND_HEADER,
+    MASK_HEADER,
     NEEDS_HEADER,
     REPORT_HEADER,
     RESHAPE_HEADER,
@@ -32,6 +34,7 @@ from coordinator.protocol import (
 
 __all__ = ["CoordinatorClient", "CoordinatorRefused", "CoordinatorUnavailable"]
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -111,11 +114,23 @@ class CoordinatorClient:
     def download_model(self, federation_id: str, version: int) -> bytes:
         return self._download(f"/federations/{federation_id}/models/{version}", "model").content
 
-    def download_patch(self, federation_id: str, version: int) -> tuple[bytes, bool]:
-        """The delta from version-1 to `version`, and whether a reshape (channel pruning)
-        must be applied first; CoordinatorRefused(404) if there is no patch."""
+    def download_patch(self, federation_id: str, version: int) -> tuple[bytes, bool, str]:
+        """The delta from version-1 to `version`, whether a reshape (channel pruning) must
+        be applied first, and the sha256 of `version`'s mask artifact ("" for none: else
+        w⊙m follows the patch); CoordinatorRefused(404) if there is no patch."""
         resp = self._download(f"/federations/{federation_id}/models/{version}/patch", "patch")
-        return resp.content, resp.headers.get(RESHAPE_HEADER) == "1"
+        mask = resp.headers.get(MASK_HEADER, "")
+        if mask and not _SHA256.fullmatch(mask):
+            raise CoordinatorRefused(resp.status_code, f"malformed {MASK_HEADER} header")
+        return resp.content, resp.headers.get(RESHAPE_HEADER) == "1", mask
+
+    def download_mask(self, federation_id: str, version: int) -> bytes:
+        """`version`'s mask artifact (sparse_kernels.masks); the caller checks its sha256."""
+        return self._download(f"/federations/{federation_id}/models/{version}/mask", "mask").content
+
+    def download_mask_patch(self, federation_id: str, version: int) -> bytes:
+        """The flips from version-1's mask to `version`'s; CoordinatorRefused(404) if none."""
+        return self._download(f"/federations/{federation_id}/models/{version}/mask/patch", "mask-patch").content
 
     def download_level(self, federation_id: str, version: int, level: int, rnd: int) -> bytes:
         """Width level `level`'s slice of `version` for round `rnd` (codec kind=model)."""

@@ -33,12 +33,14 @@ from sparse_kernels import (
     Weights,
     encode,
 )
+from sparse_kernels.masks import decode_masks, encode_masks
 from sparse_kernels.patch import round_for_broadcast
 from strategies.base import RoundContext
+from strategies.masking import MASK_PARAM, apply_np_masks
 from strategies.registry import agent_half, hooks_for
 
-__all__ = ["RECHECK_STEPS", "BudgetExceeded", "LocalResult", "Planner", "default_threads", "evaluate_global",
-           "initial_weights", "run_task", "scaled_lr", "warm_up"]
+__all__ = ["RECHECK_STEPS", "BudgetExceeded", "LocalResult", "Planner", "apply_mask_artifact", "default_threads",
+           "evaluate_global", "initial_mask_artifact", "initial_weights", "run_task", "scaled_lr", "warm_up", "with_mask"]
 
 log = logging.getLogger("fedslim.agent")
 
@@ -50,6 +52,20 @@ MIN_BATCH = 4
 # (model, input shape, budget, *, preferred_batch, optimizer, hooks_bytes) → the plan;
 # `plan_training`, or a test's planner with a made-up estimate
 Planner = Callable[..., TrainingPlan]
+
+
+def apply_mask_artifact(weights: Weights, artifact: bytes) -> Weights:
+    """w⊙m with a mask artifact (validated against the weights' shapes, CodecError if it
+    does not fit): what the coordinator did after the same patch, so pruned coordinates
+    are exactly 0 in what this agent holds however the patch was compressed."""
+    return apply_np_masks(weights, decode_masks(artifact, shapes={k: v.shape for k, v in weights.items()}))
+
+
+def with_mask(task: Task, artifact: bytes) -> Task:
+    """`task` with its verified mask artifact in the strategy params (`MASK_PARAM`), where
+    the method's agent half reads it (`strategies.masking.agent_masks`)."""
+    params = {**task.strategy.params, MASK_PARAM: artifact}
+    return task.model_copy(update={"strategy": task.strategy.model_copy(update={"params": params})})
 
 
 class _OverBudget(Exception):
@@ -225,6 +241,27 @@ def initial_weights(task: Task) -> Weights:
                              image_size=task.image_size)
     weights = _strategy_initial(task, weights)
     return round_for_broadcast(weights, task.download_values)  # as the coordinator rounds it
+
+
+def initial_mask_artifact(task: Task) -> bytes | None:
+    """Version 0's mask artifact rebuilt as the coordinator built it (the strategy's
+    round-0 masks of the seeded model, `AgentHalf.initial_masks`), or None when the agent
+    half has none. The caller checks it against the task's mask_sha256."""
+    try:
+        half = agent_half(task.strategy.name)
+    except ValueError:
+        return None
+    if half is None or half.initial_masks is None:
+        return None
+    weights = seeded_weights(task.model, task.seed, in_channels=task.in_channels, num_classes=task.num_classes,
+                             image_size=task.image_size)
+    try:
+        ctx = RoundContext(0, 1, task.model, task.in_channels, task.num_classes, task.image_size, 0)
+        masks = half.initial_masks(task.strategy.params, weights, ctx)
+    except (ValueError, TypeError, KeyError) as exc:  # params it cannot read: the download is the fallback
+        log.warning("cannot rebuild the initial mask (%s); downloading it", exc)
+        return None
+    return encode_masks(masks)
 
 
 def _strategy_initial(task: Task, weights: Weights) -> Weights:

@@ -23,6 +23,7 @@ __all__ = [
     "erk_densities",
     "magnitude_masks",
     "masked_weight_names",
+    "masks_from_artifact",
     "masks_from_zeros",
     "mask_density",
     "prunable_weights",
@@ -177,9 +178,24 @@ def masked_weight_names(model: nn.Module) -> list[str]:
     return list(prunable_weights(model, exclude=DENSE_LAYERS))
 
 
+def masks_from_artifact(model: nn.Module, data: bytes, names: Sequence[str]) -> Masks:
+    """Keep-masks (True = kept) from the task's mask artifact (`sparse_kernels.masks`),
+    checked against `model`: exactly the weights `names` (the method's masked weights),
+    each of its parameter's shape, indices in range. Raises a `CodecError` otherwise.
+
+    The mask is the server's, not the zeros of what the agent downloaded: a lossy
+    broadcast (fp16, top-k) can zero kept entries or leave regrown ones at 0."""
+    from sparse_kernels.masks import decode_masks
+
+    params = dict(model.named_parameters())
+    masks = decode_masks(data, shapes={n: tuple(p.shape) for n, p in params.items()}, names=names)
+    return {n: torch.from_numpy(masks[n]).to(params[n].device) for n in names}
+
+
 def masks_from_zeros(model: nn.Module, weights: Mapping[str, np.ndarray]) -> Masks:
-    """Keep-masks (True = kept) from the exact zeros of the global weights: the server
-    returns w⊙m with every pruned coordinate exactly 0, so the zeros ARE the mask."""
+    """Keep-masks (True = kept) from the exact zeros of `weights`: right only for weights
+    that reached the agent exactly (a model it rebuilt itself); a global model's mask comes
+    from its artifact (`masks_from_artifact`)."""
     params = dict(model.named_parameters())
     return {n: torch.from_numpy(np.asarray(weights[n]) != 0).to(params[n].device)
             for n in masked_weight_names(model) if n in weights}

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,11 @@ from coordinator.protocol import EnrollRequest, FederationCreate, Task, TaskDecl
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from edge_agent.agent import check_model
-from edge_agent.local import initial_weights
+from edge_agent.local import apply_mask_artifact, initial_mask_artifact, initial_weights, with_mask
 from models import load_dataset, partition
 from sim.virtual import Backend, ClientJob, LocalBackend, ResidualStore, agent_seed
 from sparse_kernels import MAX_MODEL_BYTES, Weights, decode
+from sparse_kernels.masks import apply_mask_patch
 from sparse_kernels.patch import apply_delta, encode_model
 from sparse_kernels.reshape import apply_reshape, decode_reshape
 
@@ -69,6 +70,7 @@ class VirtualClients:
     ids: list[str]
     tokens: list[str]
     held: np.ndarray  # int64 (clients,)
+    masks: list[str] = field(default_factory=list)  # sha256 of the mask artifact each holds ("" none)
 
     def index_of(self) -> dict[str, int]:
         return {a: i for i, a in enumerate(self.ids)}
@@ -98,6 +100,7 @@ class SimEngine:
             self.service.stop()  # its database and blob store, whatever failed
             raise
         self._global: tuple[int, Weights] | None = None  # (version, weights): the one model copy
+        self._mask_cache: dict[str, bytes] = {}  # sha256 -> mask artifact, those some client holds
         self._skipped: dict[tuple[int, int], set[str]] = {}  # (round, attempt) -> clients whose task failed
         self.stall_s = stall_s
 
@@ -117,7 +120,7 @@ class SimEngine:
             tokens.append(token)
         order = sorted(range(clients), key=ids.__getitem__)
         self.clients = VirtualClients([ids[i] for i in order], [tokens[i] for i in order],
-                                      np.full(clients, -1, dtype=np.int64))
+                                      np.full(clients, -1, dtype=np.int64), [""] * clients)
         self.residuals = ResidualStore(workdir / "residuals")
         self.budget = memory_budget_bytes
         self.backend: Backend = self._backend(backend, ray_address)
@@ -190,7 +193,7 @@ class SimEngine:
     def _train_round(self, task: Task, agent_ids: list[str], attempt: int) -> None:
         index = self.clients.index_of()
         picked = [index[a] for a in agent_ids]
-        weights = self._sync(task, picked)
+        weights, task = self._sync(task, picked)
         jobs = [ClientJob(i, agent_seed(self.config.seed, i), self.residuals.get(i)) for i in picked]
         for result in self.backend.train(task, weights, jobs):
             agent = self.service.auth.agent(self.clients.tokens[result.index])
@@ -213,41 +216,82 @@ class SimEngine:
             self.residuals.put(result.index, result.residual)
 
     # ------------------------------------------------------------------ downloads
-    def _sync(self, task: Task, picked: list[int]) -> Weights:
-        """The base model every picked client trains from. Each client's download is made
-        as the agent makes it (rebuilt from the seed at version 0, patches when at most
-        `_MAX_PATCH_CHAIN` versions behind, else the full model), so the service counts
-        the same bytes; the weights are decoded once for all of them."""
+    def _sync(self, task: Task, picked: list[int]) -> tuple[Weights, Task]:
+        """The base model every picked client trains from, and the task as its agent half
+        sees it (with the mask artifact). Each client's download is made as the agent makes
+        it (rebuilt from the seed at version 0, patches when at most `_MAX_PATCH_CHAIN`
+        versions behind, else the full model; a mask artifact only when the one it holds is
+        not the one named), so the service counts the same bytes; the weights are decoded
+        once for all of them."""
         version = task.model_version
         fetched: dict[tuple[str, int], bytes] = {}
         rebuilt = self._rebuilt(task) if version == 0 else None
+        if version == 0 and task.mask_sha256:  # as the agent: version 0's mask is rebuilt when it can be
+            mask0 = initial_mask_artifact(task)
+            if mask0 is not None and hashlib.sha256(mask0).hexdigest() == task.mask_sha256:
+                self._mask_cache[task.mask_sha256] = mask0
+                for i in picked:
+                    self.clients.masks[i] = task.mask_sha256
         for i in picked:
             if rebuilt is None:
-                self._fetch(task.federation_id, int(self.clients.held[i]), version, fetched)
+                self._fetch(task.federation_id, int(self.clients.held[i]), version, fetched, i)
             self.clients.held[i] = version
+            if task.mask_sha256:
+                self._fetch_mask(task.federation_id, version, task.mask_sha256, i)
+        self._mask_cache = {k: v for k, v in self._mask_cache.items() if k in set(self.clients.masks)}
         if self._global is None or self._global[0] != version:
             self._global = (version, self._weights_at(version, rebuilt, fetched))
-        return {k: v.copy() for k, v in self._global[1].items()}
+        weights = {k: v.copy() for k, v in self._global[1].items()}
+        if not task.mask_sha256:
+            return weights, task
+        artifact = self._mask_cache[task.mask_sha256]
+        return apply_mask_artifact(weights, artifact), with_mask(task, artifact)
+
+    def _fetch_mask(self, fid: str, version: int, sha256: str, client: int) -> None:
+        """Client `client` gets `version`'s mask artifact as the agent does: nothing when
+        it holds that one, the mask patch when it holds version-1's, else the whole."""
+        held = self.clients.masks[client]
+        if held == sha256:
+            return
+        if held in self._mask_cache:
+            try:
+                flips = self.service.model_bytes(fid, version, patch=True, mask=True).data
+                old = self._mask_cache[held]
+                patched = apply_mask_patch(old, flips, shapes={t.name: t.shape for t in decode(old).tensors})
+                if hashlib.sha256(patched).hexdigest() == sha256:
+                    self._mask_cache[sha256] = patched
+                    self.clients.masks[client] = sha256
+                    return
+            except NotFound:  # no patch into `version`: the whole artifact
+                pass
+        data = self.service.model_bytes(fid, version, mask=True).data
+        if hashlib.sha256(data).hexdigest() != sha256:  # as the agent: a mask that is not the one named
+            raise RuntimeError(f"mask artifact of version {version}: sha256 differs from the one named")
+        self._mask_cache[sha256] = data
+        self.clients.masks[client] = sha256
 
     def _rebuilt(self, task: Task) -> Weights | None:
         weights = initial_weights(task)
         same = hashlib.sha256(encode_model(task.federation_id, 0, weights)).hexdigest() == task.model_sha256
         return weights if same and task.model_sha256 else None
 
-    def _fetch(self, fid: str, held: int, version: int, fetched: dict[tuple[str, int], bytes]) -> None:
+    def _fetch(self, fid: str, held: int, version: int, fetched: dict[tuple[str, int], bytes], client: int) -> None:
         if held == version:  # a retried round: the agent trains from the model it holds
             return
         if held >= 0 and 0 < version - held <= _MAX_PATCH_CHAIN:
             try:
                 for v in range(held + 1, version + 1):
-                    _, patch, reshaped = self.service.model_bytes(fid, v, patch=True)
-                    fetched[("patch", v)] = patch
-                    if reshaped:
-                        fetched[("reshape", v)] = self.service.model_bytes(fid, v, reshape=True)[1]
+                    served = self.service.model_bytes(fid, v, patch=True)
+                    fetched[("patch", v)] = served.data
+                    if served.reshaped:
+                        fetched[("reshape", v)] = self.service.model_bytes(fid, v, reshape=True).data
+                    if served.mask_sha256:  # w⊙m follows the patch: the agent needs v's mask
+                        fetched[("mask", v)] = served.mask_sha256.encode()
+                        self._fetch_mask(fid, v, served.mask_sha256, client)
                 return
             except NotFound:  # no patch into v (the structure changed): the agent downloads in full
                 pass
-        fetched[("full", version)] = self.service.model_bytes(fid, version)[1]
+        fetched[("full", version)] = self.service.model_bytes(fid, version).data
 
     def _weights_at(self, version: int, rebuilt: Weights | None, fetched: dict[tuple[str, int], bytes]) -> Weights:
         if rebuilt is not None:
@@ -261,11 +305,13 @@ class SimEngine:
                 shapes = {k: w.shape for k, w in weights.items()}
                 weights = apply_reshape(weights, decode_reshape(fetched[("reshape", version)], shapes))
             apply_delta(weights, decode(fetched[("patch", version)]))
+            if ("mask", version) in fetched:
+                weights = apply_mask_artifact(weights, self._mask_cache[fetched[("mask", version)].decode()])
         check_model(weights)  # as the agent: a poisoned or diverged global model is refused
         return weights
 
     def final_model(self) -> bytes:
-        return self.service.model_bytes(self.fid, None)[1]
+        return self.service.model_bytes(self.fid, None).data
 
     def close(self) -> None:
         self.backend.close()

@@ -20,24 +20,29 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
                    "download_density": 0.1, "download_values": "fp16"},
     # FedDIP: cubic sparsity 50% → 90% with global magnitude reconfiguration, error
     # feedback and incremental regularisation; top-10% fp16 uploads of the dense delta.
-    # Broadcasts send every changed coordinate exactly (fp32), so that the zeros agents
-    # see are exactly the server's mask.
+    # The mask travels as its own artifact (sparse_kernels.masks), so broadcasts are sparse
+    # fp16: the zeros agents hold are the mask's whatever the patch. Top-3% of each tensor
+    # (~30% of the kept coordinates at the end density; the rest waits in the server's
+    # residual), to keep a round near 3 MB: the dense uploads alone are ~2.3 MB.
     "feddip": {"name": "feddip", "params": {"s0": 0.5, "sT": 0.9, "lam_max": 1e-3},
                "training": {"upload_density": 0.1, "upload_values": "fp16"},
-               "download_density": 1.0, "download_values": "fp32"},
+               "download_density": 0.03, "download_values": "fp16"},
     # FedTiny: a candidate pool of 5 masks at 10% density, selection by averaged loss
     # (adaptive BN for models with BN), then prune-and-grow of one layer per round, last
-    # first; only kept coordinates travel up (fp16), exact fp32 broadcasts of what changed.
+    # first; only kept coordinates travel up (fp16), sparse top-3% fp16 broadcasts as for
+    # FedDIP (the mask is an artifact of its own, its per-round change a mask patch; the
+    # selection round's model patch carries just the BN statistics).
     "fedtiny": {"name": "fedtiny", "params": {"density": 0.1, "pool_size": 5},
                 "training": {"upload_density": 0.1, "upload_values": "fp16"},
-                "download_density": 1.0, "download_values": "fp32"},
+                "download_density": 0.03, "download_values": "fp16"},
     # AutoFLIP: one exploration round before training (every sampled client a scout: up to
     # 5 epochs from θ₀, early stopping on 10% held out, its squared displacement uploaded as
     # fp32 statistics), then the 30% of weights that moved least are pruned; the pruned
-    # model's kept coordinates go up dense in fp16, exact fp32 broadcasts as for FedDIP.
+    # model's kept coordinates go up dense in fp16, sparse fp16 broadcasts (the mask is an
+    # artifact of its own, as for FedDIP).
     "autoflip": {"name": "autoflip", "params": {"explore_rounds": 1, "q": 0.3, "scope": "global"},
                  "training": {"upload_density": 1.0, "upload_values": "fp16"},
-                 "download_density": 1.0, "download_values": "fp32"},
+                 "download_density": 0.1, "download_values": "fp16"},
     # adaptive dynamic pruning: per-sample channel gates (ratio 0.7, every conv but the
     # first) during training; closing the last round the gated network is folded into a
     # static one channel-pruned to 50% of the dense MACs. Channels no sample of a batch

@@ -38,6 +38,7 @@ __all__ = [
     "TRAINS_PLAIN",
     "AgentHalf",
     "HookFactory",
+    "InitialMasks",
     "InitialWeights",
     "LabelledSetRequest",
     "LocalHooks",
@@ -128,6 +129,12 @@ class Strategy(ABC):
         """The small labelled set `initial_weights` needs at the server, if any."""
         return None
 
+    def initial_state(self, weights: Weights, ctx: RoundContext) -> dict[str, np.ndarray]:
+        """The strategy's arrays for model version 0 (`weights`: the seeded model, before
+        `initial_weights`), e.g. a round-0 mask ("mask/<name>"), which the coordinator then
+        serves as version 0's mask artifact."""
+        return {}
+
     @abstractmethod
     def aggregate(
         self, ctx: RoundContext, weights: Weights, mean_delta: Weights, state: dict[str, np.ndarray]
@@ -191,6 +198,8 @@ def largest_bytes(masks: Mapping[str, Any], *, itemsize: int = 4) -> int:
 HookFactory = Callable[[Mapping[str, Any], "nn.Module", Weights, "ImageDataset"], LocalHooks]
 # (task's strategy params, seeded weights, round-0 context) → the method's initial model
 InitialWeights = Callable[[Mapping[str, Any], Weights, RoundContext], Weights]
+# (task's strategy params, seeded weights, round-0 context) → the method's round-0 keep-masks
+InitialMasks = Callable[[Mapping[str, Any], Weights, RoundContext], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,9 @@ class AgentHalf:
     # how the server half's `initial_weights` transforms the seeded model, from the task's
     # params (None: it does not): agents rebuild the initial model instead of downloading
     initial_weights: InitialWeights | None = None
+    # the server half's `initial_state` masks ("mask/<name>"), from the params (None: it has
+    # none): agents rebuild version 0's mask artifact (sha256 checked) instead of downloading
+    initial_masks: InitialMasks | None = None
 
 
 # Registered instead of an AgentHalf by methods whose agents train exactly as FedAvg's do

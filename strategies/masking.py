@@ -1,21 +1,32 @@
-"""Server-side helpers of the unstructured mask strategies (FedDIP, FedTiny, AutoFLIP):
-which weights they prune, masks kept in the strategy state, w⊙m with exact zeros.
+"""Helpers of the unstructured mask strategies (FedDIP, FedTiny, AutoFLIP): which weights
+they prune, masks kept in the strategy state, w⊙m with exact zeros, and the agent's read
+of the mask.
 
-The global model's zeros ARE the mask the agents read (`pruning.masks.masks_from_zeros`),
-so every server half returns `apply_np_masks(...)`: pruned coordinates exactly 0.
+The masks in the strategy state ("mask/<name>") are the truth: the coordinator serves them
+per model version as an artifact of their own (`sparse_kernels.masks`, named by sha256 in
+the task), applies them after the broadcast patch, and agents do the same with the
+artifact, so what agents hold is exactly 0 where the mask says pruned whatever the
+broadcast's compression. Server halves still return `apply_np_masks(...)` (the target
+model, and the strategy's reported density, have exact zeros).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from strategies.base import RoundContext, Weights
 
+if TYPE_CHECKING:  # the agent's read needs torch; the server helpers do not
+    import torch
+    from torch import nn
+
 __all__ = [
+    "MASK_PARAM",
     "MASK_PREFIX",
+    "agent_masks",
     "apply_np_masks",
     "density_of",
     "masked_names",
@@ -25,6 +36,9 @@ __all__ = [
 ]
 
 MASK_PREFIX = "mask/"
+# The task's verified mask artifact (bytes), added to the strategy params by the agent
+# (`edge_agent.local.with_mask`) before the hooks are built; never sent as JSON.
+MASK_PARAM = "mask"
 _NAMES_CACHE: dict[tuple[Any, ...], list[str]] = {}
 
 
@@ -63,6 +77,22 @@ def masks_to_state(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def masks_from_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k.removeprefix(MASK_PREFIX): v.astype(bool) for k, v in state.items() if k.startswith(MASK_PREFIX)}
+
+
+def agent_masks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
+                names: list[str]) -> dict[str, torch.Tensor]:
+    """The agent half's keep-masks over `names`: from the task's mask artifact
+    (`pruning.masks.masks_from_artifact`, validated against `model`). A task without one
+    comes from a coordinator without mask artifacts, which broadcast exact fp32, so there
+    the downloaded zeros are the mask."""
+    import torch
+
+    from pruning.masks import masks_from_artifact
+
+    data = params.get(MASK_PARAM)
+    if data is not None:
+        return masks_from_artifact(model, bytes(data), names)
+    return {n: torch.from_numpy(np.asarray(weights[n]) != 0) for n in names}
 
 
 def apply_np_masks(weights: Weights, masks: dict[str, np.ndarray]) -> Weights:

@@ -6,8 +6,9 @@
   local work as auxiliary statistics, in fp32 (squares of small moves underflow fp16). No
   delta goes up: exploration leaves the global model at θ₀, and the error-feedback
   residual waits for a training round.
-- Training (``pruned``): the mask — the global model's zeros (`pruning.masks.masks_from_zeros`)
-  — is re-applied after every optimiser step and only masked coordinates are uploaded.
+- Training (``pruned``): the mask — the task's mask artifact (`strategies.masking.agent_masks`),
+  never the downloaded zeros — is re-applied after every optimiser step and only masked
+  coordinates are uploaded.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from torch import nn
 from models import ImageDataset
 from models.state import to_numpy_state
 from models.training import TrainStats
-from pruning.masks import apply_masks, masks_from_zeros
+from pruning.masks import apply_masks, masked_weight_names
 from strategies.autoflip.common import EXPLORE_EPOCHS, PATIENCE, VAL_FRACTION, scored_names, sq_key, work_key
 from strategies.autoflip.ops import ScoutRun, squared_displacement, train_scout, validation_split
 from strategies.base import LocalHooks, largest_bytes, masks_bytes
+from strategies.masking import agent_masks
 
 __all__ = ["autoflip_hooks", "scout_hooks"]
 
@@ -36,7 +38,7 @@ def autoflip_hooks(params: Mapping[str, Any], model: nn.Module, weights: dict[st
         return scout_hooks(params["explore"], model, weights, data)
     if not params.get("pruned", False):
         return LocalHooks()
-    masks = masks_from_zeros(model, weights)
+    masks = agent_masks(params, model, weights, [n for n in masked_weight_names(model) if n in weights])
     apply_masks(model, masks)  # already zero; makes the invariant hold from step 0
 
     def after_step() -> None:

@@ -9,9 +9,10 @@ and incremental regularisation. Everything of the method is in this folder:
 
 from strategies.base import AgentHalf
 from strategies.feddip.agent import feddip_hooks
-from strategies.feddip.common import initial_weights_from_params
+from strategies.feddip.common import initial_masks_from_params, initial_weights_from_params
 from strategies.feddip.server import FedDIP
 
 __all__ = ["AGENT", "FedDIP"]
 
-AGENT = AgentHalf(hooks=feddip_hooks, initial_weights=initial_weights_from_params)
+AGENT = AgentHalf(hooks=feddip_hooks, initial_weights=initial_weights_from_params,
+                  initial_masks=initial_masks_from_params)

@@ -3,9 +3,9 @@ dense w (`MaskedForward(error_feedback=True)`), so pruned coordinates keep learn
 can come back at the next reconfiguration; the loss gains λ_t Σ_l ‖w_l⊙m_l‖₂. The upload
 is the dense local delta (top-k by the federation's upload density).
 
-The mask is the global model's zeros (`pruning.masks.masks_from_zeros`): the server
-returns w⊙m with every pruned coordinate exactly 0. Reads from the task's params: ``lam``
-(λ_t, sent each round) and ``error_feedback``.
+The mask is the task's mask artifact (`strategies.masking.agent_masks`), never the zeros
+of the downloaded model (a lossy broadcast could move them). Reads from the task's params:
+``lam`` (λ_t, sent each round), ``error_feedback`` and the artifact.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import numpy as np
 from torch import nn
 
 from models import ImageDataset
-from pruning.masks import masks_from_zeros
+from pruning.masks import masked_weight_names
 from strategies.base import LocalHooks, largest_bytes, masks_bytes
 from strategies.feddip.ops import MaskedForward, feddip_regularizer
+from strategies.masking import agent_masks
 
 __all__ = ["feddip_hooks"]
 
@@ -28,7 +29,7 @@ def feddip_hooks(params: Mapping[str, Any], model: nn.Module, weights: dict[str,
                  data: ImageDataset) -> LocalHooks:
     lam = float(params.get("lam", 0.0))
     error_feedback = bool(params.get("error_feedback", True))
-    masks = masks_from_zeros(model, weights)
+    masks = agent_masks(params, model, weights, [n for n in masked_weight_names(model) if n in weights])
     # Only layers with pruned entries need the masked forward; the regulariser covers all
     # masked layers (for a dense layer w⊙m = w).
     sparse = {n: m for n, m in masks.items() if not bool(m.all())}

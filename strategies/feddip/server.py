@@ -10,10 +10,11 @@ and incremental regularisation, server half.
   otherwise the mask is kept. With ``reapply_mask`` (the authors' code path,
   EricLoong/feddip) the previous mask is applied to the averaged weights first, so global
   magnitude only ever removes coordinates: what was pruned stays pruned (no regrowth).
-  The result is w⊙m: pruned coordinates exactly 0, which is
-  how agents learn the mask.
-- The mask lives in the strategy state (``mask/<name>``, uint8): the aggregated dense
-  weights are no longer zero at pruned positions, so they cannot tell it.
+  The result is w⊙m: pruned coordinates exactly 0.
+- The mask lives in the strategy state (``mask/<name>``, uint8; round 0's from
+  `initial_state`), which the coordinator serves to agents as the version's mask artifact:
+  the aggregated dense weights are no longer zero at pruned positions, and a lossy
+  broadcast would not keep zeros either.
 - `task_params`: λ_t of the incremental regulariser (0 → λ_max in 20 equal steps over T
   rounds; round r trains with λ_{r−1}) and ``error_feedback``.
 """
@@ -26,7 +27,7 @@ import numpy as np
 
 from strategies.base import RoundContext, RoundResult, Strategy, Weights
 from strategies.fedavg import apply_mean_delta
-from strategies.feddip.common import S0, S_T, SEED, erk_initial_weights
+from strategies.feddip.common import S0, S_T, SEED, erk_initial_masks, erk_initial_weights
 from strategies.masking import (
     apply_np_masks,
     density_of,
@@ -100,11 +101,15 @@ class FedDIP(Strategy):
     def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
         return erk_initial_weights(weights, ctx, T=self.T, s0=self.s0, sT=self.sT, seed=self.seed)
 
+    def initial_state(self, weights: Weights, ctx: RoundContext) -> dict[str, np.ndarray]:
+        # version 0's mask artifact: round 1 trains under the ERK mask
+        return masks_to_state(erk_initial_masks(weights, ctx, T=self.T, s0=self.s0, sT=self.sT, seed=self.seed))
+
     def aggregate(self, ctx: RoundContext, weights: Weights, mean_delta: Weights,
                   state: dict[str, np.ndarray]) -> RoundResult:
         names = masked_names(ctx, weights)
         masks = masks_from_state(state)
-        if not masks:  # round 1: the incoming model is the round-0 ERK model, its zeros are the mask
+        if not masks:  # round 1 of a federation created before `initial_state`: the ERK model's zeros
             masks = {n: weights[n] != 0 for n in names}
         dense, _ = apply_mean_delta(weights, mean_delta, {}, server_lr=self.server_lr, momentum=0.0)
         t = ctx.round

@@ -4,7 +4,8 @@
   statistics per candidate on local data (forward passes only), upload them; no training.
 - phase "select": evaluate each candidate with the averaged BN statistics from the task,
   upload the mean losses; no training.
-- phase "train": the global model's zeros are the mask; train with `KeptSGD` (updates and
+- phase "train": the mask is the task's mask artifact (`strategies.masking.agent_masks`,
+  the selected candidate after the select round); train with `KeptSGD` (updates and
   momentum at kept coordinates only, so the mask holds without re-masking and no dense
   momentum buffer is held) and upload only kept coordinates. When the task asks for growth, keep the top-n |grad| at
   pruned positions of the named layers over the epoch (O(n) state, `PrunedGradientTopK`)
@@ -34,6 +35,7 @@ from strategies.fedtiny.ops import (
     recalibrate_bn,
 )
 from strategies.fedtiny.sparse_sgd import KeptSGD, kept_sgd_grad_bytes, kept_sgd_state_bytes
+from strategies.masking import agent_masks
 
 __all__ = ["fedtiny_hooks"]
 _STATS_BATCH = 64
@@ -48,7 +50,7 @@ def fedtiny_hooks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
         stats = _bn_statistics if phase == "bn" else _candidate_losses
         bn = params.get("bn", {})
         return LocalHooks(train=False, aux=lambda: stats(model, pool, data, bn))
-    masks = {n: torch.from_numpy(np.asarray(weights[n]) != 0) for n in fedtiny_weight_names(model)}
+    masks = agent_masks(params, model, weights, fedtiny_weight_names(model))
     apply_masks(model, masks)
     named = dict(model.named_parameters())
     by_param = {id(named[n]): m for n, m in masks.items()}
@@ -67,7 +69,7 @@ def fedtiny_hooks(params: Mapping[str, Any], model: nn.Module, weights: Weights,
     extra = masks_bytes(masks)  # the boolean masks (the upload's support, the tops' pruned positions)
     training = _Training(model, masks, grow, built)
     hooks = LocalHooks(optimizer=optimizer, optimizer_memory=optimizer_memory, context=training,
-                       upload_support={n: m.numpy() for n, m in masks.items()})
+                       upload_support={n: m.cpu().numpy() for n, m in masks.items()})
     if grow:
         hooks.aux = _grow_upload(training, weights)
 

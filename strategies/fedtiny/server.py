@@ -25,8 +25,13 @@ positions of that layer (n_grow = ceil(rate_t·nonzeros), rate_t cosine-decayed 
 smallest active weights and grows the n_grow largest-gradient positions.
 
 Choice (documented deviation): grown weights start at −grow_lr·ḡ (one SGD step along the
-averaged gradient) instead of exactly 0, because agents read the mask from the global
-model's zeros; the value is one step's size, far below the active weights.
+averaged gradient) instead of exactly 0 (agents once read the mask from the global model's
+zeros; they now read it from the version's mask artifact, and the start is kept); the
+value is one step's size, far below the active weights.
+
+The selection round's broadcast is "candidate k": the chosen candidate's mask is the new
+version's mask artifact, which both sides apply after the patch, so the model patch
+carries only the averaged BN statistics (`coordinator.broadcast.make_broadcast`).
 """
 
 from __future__ import annotations

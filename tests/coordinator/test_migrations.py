@@ -88,7 +88,7 @@ def _schema_diff(engine: sa.Engine) -> list[Any]:
 def test_a_fresh_database_is_migrated_to_the_store_tables(tmp_path: Path, database_url: str | None) -> None:
     store = Store(_url(database_url, tmp_path), tmp_path / "blobs")
     try:
-        assert current_revision(store.engine) == head_revision() == "0003"
+        assert current_revision(store.engine) == head_revision() == "0004"
         assert _schema_diff(store.engine) == []  # the migrations build exactly store.metadata
     finally:
         store.close()
@@ -103,7 +103,7 @@ def test_upgrade_from_the_previous_release_keeps_every_row(tmp_path: Path, datab
     store = Store(url, tmp_path / "blobs")
     try:
         # Assert: at head, the schema is today's, every row reads back as written
-        assert current_revision(store.engine) == "0003" and _schema_diff(store.engine) == []
+        assert current_revision(store.engine) == "0004" and _schema_diff(store.engine) == []
         with store.tx() as conn:
             assert store.list_federations(conn) == [FederationRow("f1", {"model": "lenet5", "name": "caf\u00e9"},
                                                                   "running", 1, 1, 1764590000.123456, None)]
@@ -115,7 +115,8 @@ def test_upgrade_from_the_previous_release_keeps_every_row(tmp_path: Path, datab
                 RoundRow("f1", 2, "open", 2, 1, ["a1"], 31.0, 91.0, None, None)]
             assert store.list_updates(conn, "f1", 2, 2) == [UpdateRow("a1", 2, 200, 4096, "b" * 64, {"num_samples": 200})]
             assert store.needs_by_agent(conn) == {"a2": {"f1": 10**9}}
-            assert store.get_model(conn, "f1", 1) == {**V0_ROWS["models"][1]}
+            assert store.get_model(conn, "f1", 1) == {**V0_ROWS["models"][1], "mask_blob": None,
+                                                          "mask_patch_blob": None}  # 0004: no mask
             assert store.download_bytes(conn, "f1", 1) == 123456
         # what the old schema refused on PostgreSQL (INTEGER): budgets and byte counts past 2**31
         with store.tx() as conn:
@@ -175,6 +176,6 @@ def test_coordinators_starting_together_migrate_once(tmp_path: Path, postgres_se
     failures = [err[-800:] for p in procs for _, err in [p.communicate(timeout=60)] if p.returncode != 0]
     assert failures == []
     engine = sa.create_engine(url)
-    assert current_revision(engine) == "0003" and _schema_diff(engine) == []
+    assert current_revision(engine) == "0004" and _schema_diff(engine) == []
     engine.dispose()
     postgres_server.drop_database(url)

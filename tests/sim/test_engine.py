@@ -164,3 +164,39 @@ def test_width_levels_run_in_the_engine_at_the_level_the_budget_fits(tmp_path: P
     _, rows = run_engine(tmp_path, config, clients=2, memory_budget_bytes=budget)
     assert [a["level"] for a in rows[0]["agents"]] == [1, 1]
     assert rows[0]["levels"][1]["agents"] and not rows[0]["levels"][0]["agents"]
+
+
+def test_mask_strategy_downloads_as_the_agent_does(tmp_path: Path, one_thread: None) -> None:
+    """FedDIP under lossy sparse broadcasts: the engine's clients hold exactly 0 off the
+    server's mask, and each pays for the model patch plus the mask patch per round (the
+    mask it holds is version-1's), nothing for version 0 (rebuilt from the seed).
+    Kills: the engine not applying w⊙m after the patch (its final model differs from the
+    service's off the mask), or downloading whole masks where the agent patches them."""
+    from models.state import build_from_state as build
+    from pruning.masks import masked_weight_names
+    from sparse_kernels.masks import decode_masks
+
+    config = tiny_federation(rounds=3, download_density=0.1, download_values="fp16",
+                             strategy={"name": "feddip", "params": {"sT": 0.8, "reconfigure_every": 1}})
+    engine = SimEngine(config, clients=3, workdir=tmp_path)
+    try:
+        rows = engine.run()
+        svc, fid = engine.service, engine.fid
+        assert rows[0]["bytes_down"] == 0
+        for row in rows[1:]:
+            v = row["round"] - 1  # the base version this round's clients downloaded into
+            paid = len(svc.model_bytes(fid, v, patch=True).data) + len(svc.model_bytes(fid, v, patch=True, mask=True).data)
+            assert row["bytes_down"] == 3 * paid
+        assert engine._global is not None and engine._global[0] == 2
+        held = engine._global[1]  # what the clients of round 3 trained from, version 2
+        served = svc.model_bytes(fid, 2)
+        server = decode(served.data, max_bytes=MAX_MODEL_BYTES).to_dense()
+        names = masked_weight_names(build("lenet5", server, in_channels=1, num_classes=10))
+        masks = decode_masks(svc.model_bytes(fid, 2, mask=True).data, shapes={k: w.shape for k, w in server.items()},
+                             names=names)
+        for k, w in server.items():
+            np.testing.assert_array_equal(held[k], w)
+        for n, m in masks.items():
+            assert not held[n][~m].any()
+    finally:
+        engine.close()
