@@ -6,7 +6,8 @@ FedAvg run under the very same settings (same partition, seeds, model and local 
 Each setting is its paper's client count, sampling, local epochs and partition (see
 SETTINGS), reduced only in rounds (and, for the ResNets, local steps) as far as two cores
 force; the reduction is written next to the result. Each row gives the paper's claim, our
-figures for the method and for FedAvg, and whether the claim's *direction* is reproduced
+figures for the method and for FedAvg (final, best, and the mean of the last 5 rounds,
+which the checks use), and whether the claim's *direction* is reproduced
 by the check stated in the row (a number in a paper on other hardware and hundreds of
 rounds is not reproduced by ten rounds here; the direction can be).
 
@@ -47,8 +48,14 @@ class Setting:
     quick_args: list[str] = field(default_factory=list)  # replaces flags for --quick
 
 
-def _density(row: Row) -> float:
-    return float(row.get("density") or 1.0)
+def _acc(row: Row) -> float:
+    """What the checks compare: the mean test accuracy of the last rounds (LAST_ROUNDS).
+    With a few clients sampled per round from a non-IID split the last round alone swings
+    by several points (FedDIP's setting: ±5), in either run."""
+    return float(row["mean_last"])
+
+
+LAST_ROUNDS = 5
 
 
 SETTINGS = [
@@ -62,7 +69,7 @@ SETTINGS = [
         reduced="30 rounds (the paper runs to convergence, ~1000); constant lr 0.1 (the paper decays "
                 "0.998^t: < 6 % over 30 rounds); LeNet-5 on Fashion-MNIST, Dirichlet 0.5",
         check="FedDIP at 95 % sparsity within 2 points of FedAvg, with fewer bytes per round",
-        holds=lambda m, f: m["final_accuracy"] >= f["final_accuracy"] - 0.02 and m["mb_per_round"] < f["mb_per_round"],
+        holds=lambda m, f: _acc(m) >= _acc(f) - 0.02 and m["mb_per_round"] < f["mb_per_round"],
         quick_args=["--rounds", "6", "--epochs", "1"],
     ),
     Setting(
@@ -74,7 +81,7 @@ SETTINGS = [
         reduced="8 rounds (paper: 200); 2 classes per client (shards), 20 clients, 25 % per round, 5 local "
                 "epochs as the paper; exploration: its scouts in round 1",
         check="AutoFLIP sends fewer bytes per round than FedAvg at no lower accuracy (≤ 1 point)",
-        holds=lambda m, f: m["mb_per_round"] < f["mb_per_round"] and m["final_accuracy"] >= f["final_accuracy"] - 0.01,
+        holds=lambda m, f: m["mb_per_round"] < f["mb_per_round"] and _acc(m) >= _acc(f) - 0.01,
         quick_args=["--rounds", "3", "--epochs", "1"],
     ),
     Setting(
@@ -87,7 +94,7 @@ SETTINGS = [
         reduced="ResNet-20 (BN: adaptive BN selection runs) on Fashion-MNIST; 10 rounds of ≤ 40 local steps "
                 "(paper: 5 local epochs, T_end 100–300)",
         check="FedTiny at 10 % density within 5 points of dense FedAvg",
-        holds=lambda m, f: m["final_accuracy"] >= f["final_accuracy"] - 0.05,
+        holds=lambda m, f: _acc(m) >= _acc(f) - 0.05,
         quick_args=["--rounds", "3", "--max-steps", "10"],
     ),
     Setting(
@@ -99,7 +106,7 @@ SETTINGS = [
         method_args=["--strategy-params", json.dumps({"density": 0.01})],
         reduced="as fedtiny-10, at 1 % density",
         check="FedTiny at 1 % density learns (accuracy ≥ 2× chance) and loses less than 15 points to dense",
-        holds=lambda m, f: m["final_accuracy"] >= 0.2 and m["final_accuracy"] >= f["final_accuracy"] - 0.15,
+        holds=lambda m, f: _acc(m) >= 0.2 and _acc(m) >= _acc(f) - 0.15,
         quick_args=["--rounds", "3", "--max-steps", "10"],
     ),
     Setting(
@@ -114,7 +121,7 @@ SETTINGS = [
                 "≤ 40 local steps",
         check="the static export at ≤ 50 % of the MACs within 2 points of FedAvg, with ≤ 43 % of its bytes",
         holds=lambda m, f: ((m.get("macs") or 1) <= 0.5 * (f.get("macs") or 1) + 1
-                            and m["final_accuracy"] >= f["final_accuracy"] - 0.02
+                            and _acc(m) >= _acc(f) - 0.02
                             and m["mb_per_round"] <= 0.43 * f["mb_per_round"]),
         quick_args=["--rounds", "3", "--max-steps", "10"],
     ),
@@ -142,7 +149,9 @@ def run_one(setting: Setting, strategy: str, extra: list[str], out: Path, args: 
     peak = _run(cmd, out / "run.log", reuse=out / "results.json" if args.reuse else None)
     results = json.loads((out / "results.json").read_text())
     row = _row("fedslim", strategy, 0.0, args.seed, results["rounds"], peak, results["final"])
-    row.update(density=results["final"].get("density"), wall_s=round(time.monotonic() - started, 1))
+    last = row["accuracy_per_round"][-LAST_ROUNDS:]
+    row.update(density=results["final"].get("density"), wall_s=round(time.monotonic() - started, 1),
+               mean_last=sum(last) / len(last))
     return row
 
 
@@ -154,7 +163,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, root: Path) -> Row:
         "fedavg …")
     fedavg = run_one(setting, "fedavg", [], root / setting.id / "fedavg", args)
     say(f"[{setting.id}] fedavg: acc {fedavg['final_accuracy']:.4f}, {fedavg['mb_per_round']:.2f} MB/round")
-    keep = ("final_accuracy", "best_accuracy", "mb_per_round", "macs", "density", "seconds_per_round",
+    keep = ("final_accuracy", "best_accuracy", "mean_last", "mb_per_round", "macs", "density", "seconds_per_round",
             "peak_rss_mb", "accuracy_per_round", "wall_s")
     return {
         "id": setting.id, "paper": setting.paper, "claim": setting.claim, "check": setting.check,
@@ -165,13 +174,15 @@ def run_setting(setting: Setting, args: argparse.Namespace, root: Path) -> Row:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'setting':<11} {'method acc':>10} {'FedAvg acc':>10} {'MB/rd':>13} {'MACs':>13} {'density':>7}  reproduced"
+    head = (f"{'setting':<11} {'method acc':>10} {'FedAvg acc':>10} {'last-5 m/F':>13} {'MB/rd':>13} {'MACs':>13} "
+            f"{'density':>7}  reproduced")
     print(head)
     print("-" * len(head))
     for r in rows:
         m, f = r["method"], r["fedavg"]
         macs = f"{(m['macs'] or 0) / 1e6:.1f}/{(f['macs'] or 0) / 1e6:.1f}M"
-        print(f"{r['id']:<11} {m['final_accuracy']:>10.4f} {f['final_accuracy']:>10.4f} "
+        last = f"{m['mean_last']:.4f}/{f['mean_last']:.4f}"
+        print(f"{r['id']:<11} {m['final_accuracy']:>10.4f} {f['final_accuracy']:>10.4f} {last:>13} "
               f"{m['mb_per_round']:>6.2f}/{f['mb_per_round']:<6.2f} {macs:>13} {m['density'] or 1.0:>7.3f}  "
               f"{'yes' if r['direction_reproduced'] else 'NO'}: {r['check']}")
 

@@ -36,8 +36,8 @@ def test_quick_replaces_the_flags_it_names() -> None:
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.id)
 def test_each_check_can_pass_and_fail(setting: Setting) -> None:
-    fedavg = {"final_accuracy": 0.85, "mb_per_round": 40.0, "macs": 40e6}
-    good = {"final_accuracy": 0.86, "mb_per_round": 1.0, "macs": 10e6}
-    bad = {"final_accuracy": 0.10, "mb_per_round": 80.0, "macs": 40e6}
+    fedavg = {"final_accuracy": 0.85, "mean_last": 0.85, "mb_per_round": 40.0, "macs": 40e6}
+    good = {"final_accuracy": 0.10, "mean_last": 0.86, "mb_per_round": 1.0, "macs": 10e6}  # the checks read mean_last
+    bad = {"final_accuracy": 0.86, "mean_last": 0.10, "mb_per_round": 80.0, "macs": 40e6}
     assert setting.holds(good, fedavg) and not setting.holds(bad, fedavg)
     assert json.dumps(setting.claim) and setting.check and setting.reduced
