@@ -16,9 +16,16 @@ from coordinator.ratelimit import RateLimiter
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import AgentRow, EnrollmentTokenRow, Store
 
-__all__ = ["Auth", "hash_token", "same_secret"]
+__all__ = ["Auth", "hash_token", "new_secret", "same_secret"]
 
 _PURGE_AFTER_S = 30 * 86400.0  # spent, revoked or expired tokens stay listed this long
+
+
+def new_secret() -> str:
+    """A token (agent, enrollment or admin): 256 random bits, URL-safe. The prefix keeps it
+    from starting with "-", which 1 in 64 bare `token_urlsafe` strings do and which a shell
+    command line then reads as an option (`--enrollment-token -x…` fails to parse)."""
+    return "fs_" + secrets.token_urlsafe(32)
 
 
 def hash_token(token: str) -> str:
@@ -136,7 +143,7 @@ class Auth:
             raise TooManyRequests(f"too many enrollments from {client_ip}; retry in {wait:.0f} s", retry_after=wait)
         shared = self.settings.shared_enrollment_token
         one_time = not (shared is not None and same_secret(req.enrollment_token, shared))
-        agent_id, token = uuid.uuid4().hex[:16], secrets.token_urlsafe(32)
+        agent_id, token = uuid.uuid4().hex[:16], new_secret()
         now = time.time()
         info = {"memory_budget_bytes": req.memory_budget_bytes, "platform": req.platform, "ip": client_ip}
         with self.store.tx() as conn:
@@ -156,7 +163,7 @@ class Auth:
         which is returned this once and stored only as a hash."""
         if not 0 < expires_in_s <= self.settings.max_enrollment_token_s:
             raise BadRequest(f"expiry must be within (0, {self.settings.max_enrollment_token_s:.0f}] seconds")
-        now, token = time.time(), secrets.token_urlsafe(32)
+        now, token = time.time(), new_secret()
         row = EnrollmentTokenRow(uuid.uuid4().hex[:16], name, hash_token(token), now, now + expires_in_s)
         with self.store.tx() as conn:
             if self.store.count_enrollment_tokens(conn) >= self.settings.max_enrollment_tokens:
@@ -179,7 +186,7 @@ class Auth:
     def rotate(self, agent_id: str) -> str | None:
         """A new token for a (not revoked) agent, returned this once; the old one stops
         authenticating at once (the cache forgets it). None: no such agent."""
-        token = secrets.token_urlsafe(32)
+        token = new_secret()
         with self.store.tx() as conn:
             agent = self.store.get_agent(conn, agent_id)
             if agent is None:

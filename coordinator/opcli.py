@@ -18,7 +18,6 @@ import getpass
 import json
 import os
 import re
-import secrets
 import ssl
 import sys
 from collections.abc import Callable
@@ -210,7 +209,9 @@ def _watch(api: Api, args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     path = config_path()
     if args.action == "generate":  # a secret for FEDSLIM_ADMIN_TOKEN / FEDSLIM_ENROLLMENT_TOKEN
-        print(secrets.token_urlsafe(32))
+        from coordinator.auth import new_secret
+
+        print(new_secret())
         return 0
     if args.action == "clear":
         path.unlink(missing_ok=True)
