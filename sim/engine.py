@@ -102,6 +102,7 @@ class SimEngine:
         self._global: tuple[int, Weights] | None = None  # (version, weights): the one model copy
         self._mask_cache: dict[str, bytes] = {}  # sha256 -> mask artifact, those some client holds
         self._skipped: dict[tuple[int, int], set[str]] = {}  # (round, attempt) -> clients whose task failed
+        self._jumped_s: dict[int, float] = {}  # round -> seconds the service's clock was moved ahead
         self.stall_s = stall_s
 
     def _set_up(self, clients: int, workdir: Path, enroll: str, memory_budget_bytes: int | None, backend: str,
@@ -177,6 +178,8 @@ class SimEngine:
                 if entry is not None and skipped and not set(entry.selected) - entry.done - skipped:
                     # only clients that skipped the task are left: the round would wait for its
                     # deadline; jump the service's clock there (it closes or retries as at the deadline)
+                    jump = max(0.0, entry.deadline + 1e-3 - time.time())
+                    self._jumped_s[entry.round] = self._jumped_s.get(entry.round, 0.0) + jump
                     svc.tick(now=entry.deadline + 1e-3)
                     continue
                 key = (fed.current_round, entry.round if entry else 0, entry.attempt if entry else 0)
@@ -188,7 +191,12 @@ class SimEngine:
                 time.sleep(0.02)  # no client to run: the next tick opens, closes or retries
         finally:
             self.backend.close()
-        return svc.round_metrics(self.fid)
+        # a round closed by moving the clock took the wall time it took, not its deadline
+        rows = svc.round_metrics(self.fid)
+        for row in rows:
+            if row.get("round") in self._jumped_s and row.get("seconds") is not None:
+                row["seconds"] = round(max(0.0, row["seconds"] - self._jumped_s[row["round"]]), 3)
+        return rows
 
     def _train_round(self, task: Task, agent_ids: list[str], attempt: int) -> None:
         index = self.clients.index_of()
