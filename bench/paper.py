@@ -58,6 +58,10 @@ def _acc(row: Row) -> float:
 LAST_ROUNDS = 5
 
 
+# both FedTiny settings: ResNet-20 (BN, so adaptive BN selection runs), short rounds
+_FEDTINY_ARGS = ["--model", "resnet20", "--clients", "10", "--per-round", "5", "--epochs", "1", "--max-steps", "40",
+                 "--rounds", "10", "--alpha", "0.5", "--eval-samples", "2000"]
+
 SETTINGS = [
     Setting(
         id="feddip", paper="FedDIP (Long et al., ICDM 2023)",
@@ -88,8 +92,7 @@ SETTINGS = [
         id="fedtiny-10", paper="FedTiny (Huang et al., ICDCS 2023)",
         claim="+2.61 % accuracy vs the state of the art, −95.91 % compute, strongest at ≈ 1 % density",
         method="fedtiny",
-        args=["--model", "resnet20", "--clients", "10", "--per-round", "5", "--epochs", "1", "--max-steps", "40",
-              "--rounds", "10", "--alpha", "0.5", "--eval-samples", "2000"],
+        args=_FEDTINY_ARGS,
         method_args=["--strategy-params", json.dumps({"density": 0.1})],
         reduced="ResNet-20 (BN: adaptive BN selection runs) on Fashion-MNIST; 10 rounds of ≤ 40 local steps "
                 "(paper: 5 local epochs, T_end 100–300)",
@@ -101,8 +104,7 @@ SETTINGS = [
         id="fedtiny-1", paper="FedTiny (Huang et al., ICDCS 2023)",
         claim="strongest at extreme sparsity (≈ 1 % density)",
         method="fedtiny",
-        args=["--model", "resnet20", "--clients", "10", "--per-round", "5", "--epochs", "1", "--max-steps", "40",
-              "--rounds", "10", "--alpha", "0.5", "--eval-samples", "2000"],
+        args=_FEDTINY_ARGS,
         method_args=["--strategy-params", json.dumps({"density": 0.01})],
         reduced="as fedtiny-10, at 1 % density",
         check="FedTiny at 1 % density learns (accuracy ≥ 2× chance) and loses less than 15 points to dense",
