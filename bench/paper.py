@@ -208,6 +208,15 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def _merged(path: Path, rows: list[Row]) -> list[Row]:
+    """This invocation's rows, plus the rows of settings it did not run kept from an
+    earlier `path` (so `--only` adds to the record instead of erasing it), in SETTINGS order."""
+    by_id = {r["id"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    by_id.update({r["id"]: r for r in rows})
+    order = [s.id for s in SETTINGS]
+    return sorted(by_id.values(), key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.paper", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few rounds of each, to check the harness")
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out) if args.out else RESULTS / name
     rows = [run_setting(s, args, root) for s in settings]
     RESULTS.mkdir(exist_ok=True)
+    rows = _merged(RESULTS / f"{name}.json", rows)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
     plot(rows, RESULTS / f"{name}.png")
     if args.json:
