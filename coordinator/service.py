@@ -22,6 +22,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from coordinator.errors import (
 )
 from coordinator.evaluation import Evaluator
 from coordinator.exports import ExportCache
+from coordinator.group_commit import GroupCommit
 from coordinator.isolation import Backoff
 from coordinator.labelled import load_labelled_set
 from coordinator.levels import PlannedLevel, assign_level, plan_levels, task_levels
@@ -56,7 +58,7 @@ from coordinator.uploads import upload_shapes, validate_upload
 from models.state import is_bn_stat
 from models.zoo import model_identity
 from pruning.levels import level_slices
-from sparse_kernels import MAX_MODEL_BYTES, decode, warmup_density
+from sparse_kernels import MAX_MODEL_BYTES, ModelDelta, decode, warmup_density
 from sparse_kernels.masks import encode_masks, mask_patch
 from sparse_kernels.npz import arrays_from_npz as _from_npz
 from sparse_kernels.npz import arrays_to_npz as _npz
@@ -70,6 +72,26 @@ __all__ = ["CoordinatorService", "Served"]
 log = logging.getLogger("fedslim.coordinator")
 MAX_MODEL_BLOB = MAX_MODEL_BYTES  # stored full models: written by us, read back without a smaller cap
 _ACTIVE = ("running", "paused")
+
+
+_ACCEPTED = (True, False)  # an upload's outcome: (accepted, duplicate)
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """A validated, blob-stored upload on its way into the group commit."""
+
+    agent_id: str
+    fid: str
+    rnd: int
+    digest: str
+    nbytes: int
+    report: UpdateReport
+    budget_bytes: int | None
+    delta: ModelDelta
+    live: _Live
+    updates: RoundUpdates
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -127,6 +149,8 @@ class CoordinatorService:
         self._served_lock = threading.Lock()
         self.blob_cache = BlobCache(max_bytes=256 << 20)
         self.metrics = Metrics()  # this coordinator's Prometheus registry (GET /metrics)
+        # accepted uploads are recorded in batches: one transaction (one fsync) per batch
+        self._commits: GroupCommit[_Upload, tuple[bool, bool]] = GroupCommit(self._commit_uploads)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -375,16 +399,16 @@ class CoordinatorService:
         wrong (storage errors propagate before anything is folded).
 
         Decoding and the blob's fsync run outside `self.lock` (they are the slow part and
-        touch nothing shared); before the update is recorded, the attempt it was checked
-        against must still be the open one (the same `RoundUpdates` object)."""
+        touch nothing shared). The update is then recorded through the group commit
+        (`_commit_uploads`): before it is, the attempt it was checked against must still
+        be the open one (the same `RoundUpdates` object)."""
         if len(body) > self.settings.max_upload_bytes:
             raise PayloadTooLarge(f"update of {len(body)} bytes exceeds {self.settings.max_upload_bytes}")
         digest = hashlib.sha256(body).hexdigest()
-        with self.lock:
-            target = self._upload_target(agent, fid, rnd, digest)
-            if target is None:
-                return True, True  # an idempotent retry: counted once
-            live, updates, base_version, deadline = target
+        target = self._upload_target(agent, fid, rnd, digest)
+        if target is None:
+            return True, True  # an idempotent retry: counted once
+        live, updates, base_version, deadline = target
         try:
             shapes = updates.shapes_for(report.level)
         except ValueError as exc:
@@ -392,37 +416,74 @@ class CoordinatorService:
         delta = validate_upload(fid, rnd, base_version, body, shapes, live.config.max_update_norm,
                                 self.settings.max_upload_bytes)
         self.store.blobs.put(body)
+        return self._commits.submit(_Upload(agent.id, fid, rnd, digest, len(body), report, self.auth.budget(agent),
+                                            delta, live, updates, deadline))
+
+    def _commit_uploads(self, batch: Sequence[_Upload]) -> list[tuple[bool, bool] | BaseException]:
+        """The group commit's leader: under `self.lock`, check each upload against the
+        attempt it was validated for (and against the batch's earlier ones: a twin or a
+        copy inside one batch is caught as across batches), record every acceptable one
+        in one transaction, then fold them. A storage error refuses the whole batch
+        before anything is folded."""
+        outcomes: list[tuple[bool, bool] | BaseException] = []
+        accept: list[_Upload] = []
         with self.lock:
-            if self._live.get(fid) is not live or live.updates is not updates:
-                raise StaleUpdate(f"round {rnd} of federation {fid} moved on while the update was checked")
-            if agent.id in updates.folded:  # a concurrent twin of this upload got in first
-                if updates.digests.get(digest) == agent.id:
-                    return True, True
-                raise StaleUpdate(f"agent {agent.id} already uploaded a different update for round {rnd}")
-            if time.time() > deadline:
-                raise StaleUpdate(f"round {rnd} deadline passed")
-            if digest in updates.digests and any(t.values.size for t in delta.tensors):
-                # updates are bound to their uploader: a copy of another agent's counts never
-                # (empty deltas are exempt: two idle agents may honestly send the same bytes)
-                raise StaleUpdate(f"this update was already uploaded by agent {updates.digests[digest]}")
-            with self.store.tx() as conn:
-                if updates.key[1] > 1:  # an upload from an earlier attempt of this round goes
-                    self.store.delete_update(conn, fid, rnd, agent.id)
-                # the budget the agent had stated when it uploaded, beside its planned/measured peaks
-                self.store.add_update(conn, fid, rnd, UpdateRow(
-                    agent.id, updates.key[1], report.num_samples, len(body), digest,
-                    {**report.model_dump(), "budget_bytes": self.auth.budget(agent)},
-                ))
-            updates.add(agent.id, delta, report.num_samples, digest=digest, nbytes=len(body), level=report.level)
-            self.board.mark_done(fid, rnd, updates.key[1], agent.id)
-        return True, False
+            in_batch: dict[str, str] = {}  # agent -> digest, of this batch's accepted uploads
+            for u in batch:
+                try:
+                    outcomes.append(self._admit(u, in_batch))
+                    if outcomes[-1] == _ACCEPTED:
+                        accept.append(u)
+                        in_batch[u.agent_id] = u.digest
+                except (StaleUpdate, BadRequest) as exc:
+                    outcomes.append(exc)
+            if not accept:
+                return outcomes
+            try:
+                with self.store.tx() as conn:
+                    for u in accept:
+                        if u.updates.key[1] > 1:  # an upload from an earlier attempt of this round goes
+                            self.store.delete_update(conn, u.fid, u.rnd, u.agent_id)
+                        # the budget the agent had stated when it uploaded, beside its planned/measured peaks
+                        self.store.add_update(conn, u.fid, u.rnd, UpdateRow(
+                            u.agent_id, u.updates.key[1], u.report.num_samples, u.nbytes, u.digest,
+                            {**u.report.model_dump(), "budget_bytes": u.budget_bytes},
+                        ))
+            except Exception as exc:  # noqa: BLE001 - nothing of the batch is folded; each upload hears why
+                return [exc if o == _ACCEPTED else o for o in outcomes]
+            for u in accept:
+                u.updates.add(u.agent_id, u.delta, u.report.num_samples, digest=u.digest, nbytes=u.nbytes,
+                              level=u.report.level)
+                self.board.mark_done(u.fid, u.rnd, u.updates.key[1], u.agent_id)
+        return outcomes
+
+    def _admit(self, u: _Upload, in_batch: dict[str, str]) -> tuple[bool, bool]:
+        """_ACCEPTED when `u` may be recorded, (True, True) for an idempotent retry;
+        StaleUpdate when the round moved on or the update is a conflict or a copy."""
+        updates = u.updates
+        if self._live.get(u.fid) is not u.live or u.live.updates is not updates:
+            raise StaleUpdate(f"round {u.rnd} of federation {u.fid} moved on while the update was checked")
+        if u.agent_id in updates.folded or u.agent_id in in_batch:  # a concurrent twin of this upload got in first
+            if in_batch.get(u.agent_id) == u.digest or updates.digests.get(u.digest) == u.agent_id:
+                return True, True
+            raise StaleUpdate(f"agent {u.agent_id} already uploaded a different update for round {u.rnd}")
+        if time.time() > u.deadline:
+            raise StaleUpdate(f"round {u.rnd} deadline passed")
+        owner = updates.digests.get(u.digest) or next((a for a, d in in_batch.items() if d == u.digest), None)
+        if owner is not None and any(t.values.size for t in u.delta.tensors):
+            # updates are bound to their uploader: a copy of another agent's counts never
+            # (empty deltas are exempt: two idle agents may honestly send the same bytes)
+            raise StaleUpdate(f"this update was already uploaded by agent {owner}")
+        return _ACCEPTED
 
     def _upload_target(self, agent: AgentRow, fid: str, rnd: int,
                        digest: str) -> tuple[_Live, RoundUpdates, int, float] | None:
         """(federation, the open attempt's updates, base version, deadline) an upload goes
         into; None when this exact update is already in; StaleUpdate when it may not go in.
-        From memory when the round is the published open one, else from the store. Under
-        `self.lock`."""
+
+        From memory, without `self.lock`, when the round is the published open one: uploads
+        must not queue behind a batch's commit just to start decoding, and `_admit` checks
+        again under the lock. Else from the store, under the lock."""
         live, entry = self._live.get(fid), self.board.current(fid)
         if live is not None and entry is not None and live.updates is not None and entry.round == rnd \
                 and live.updates.key == (entry.round, entry.attempt):
@@ -436,6 +497,13 @@ class CoordinatorService:
             if time.time() > entry.deadline:
                 raise StaleUpdate(f"round {rnd} deadline passed")
             return live, updates, live.version, entry.deadline
+        with self.lock:
+            return self._stored_target(agent, fid, rnd, digest)
+
+    def _stored_target(self, agent: AgentRow, fid: str, rnd: int,
+                       digest: str) -> tuple[_Live, RoundUpdates, int, float] | None:
+        """`_upload_target` for a round this process has not published (after a restart,
+        or a stale one), from the store. Under `self.lock`."""
         fed = self.get_federation(fid)
         with self.store.tx() as conn:
             row = self.store.get_round(conn, fid, rnd)
