@@ -4,12 +4,17 @@ uvicorn (0.54, h11 and httptools alike) schedules `timeout_keep_alive` only afte
 response has been sent, and cancels it on *every* byte received. So a connection that
 opens and sends nothing, or sends a request head one byte every few seconds
 (slow-loris), is held forever: each costs a file descriptor and counts against
-`limit_concurrency` until the coordinator answers 503 to everyone. We force the h11
-protocol (one code path) and subclass it with a *total* deadline for the request head:
-from the connection being made, or from the first byte after a response, the complete
-head must arrive within `settings.header_timeout_s`, or the connection is closed (as
-nginx's `client_header_timeout` does). Body reads are bounded in the upload handler
-(`body_timeout_s`), not here.
+`limit_concurrency` until the coordinator answers 503 to everyone. We subclass uvicorn's
+protocol with a *total* deadline for the request head: from the connection being made,
+or from the first byte after a response, the complete head must arrive within
+`settings.header_timeout_s`, or the connection is closed (as nginx's
+`client_header_timeout` does), and with a cap on the head's size. Body reads are bounded
+in the upload handler (`body_timeout_s`), not here.
+
+The protocol is httptools' (llhttp, C) on uvloop when both are installed, which costs the
+event loop about half of what h11 (pure Python) on asyncio does per request (measured:
+/health 0.13 vs 0.25 ms of server CPU, a no-wait poll 0.29 vs 0.47 ms); otherwise h11 on
+asyncio, with the same deadline and cap (`settings.http` chooses explicitly).
 """
 
 from __future__ import annotations
@@ -24,9 +29,17 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:  # the fast path (the `coordinator` extra pins both); h11 on asyncio without them
+    import httptools
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - exercised where the wheels are missing
+    httptools = uvloop = None  # type: ignore[assignment]
+    HttpToolsProtocol = None  # type: ignore[assignment, misc]
+
 from coordinator.settings import CoordinatorSettings
 
-__all__ = ["MAX_REQUEST_HEAD_BYTES", "build_uvicorn_config", "head_deadline_protocol", "serve"]
+__all__ = ["MAX_REQUEST_HEAD_BYTES", "build_uvicorn_config", "fast_http_available", "head_deadline_protocol", "serve"]
 
 # Request line + headers. Our largest header, the update report, is a few hundred bytes.
 # h11's max_incomplete_event_size only bounds a head that is still *incomplete*; one that
@@ -100,12 +113,110 @@ class _HeadDeadlineH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def head_deadline_protocol(header_timeout_s: float) -> type[H11Protocol]:
-    """The h11 protocol class for one server (uvicorn instantiates it per connection
-    with only its Config, so the timeout travels as a class attribute)."""
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools turns it into HttpParserCallbackError,
+    which uvicorn answers with 400 and a close, before any app code runs."""
+
+
+if HttpToolsProtocol is not None:
+
+    class _HeadDeadlineHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc, valid-type]
+        """uvicorn's httptools protocol plus the same head deadline and head cap."""
+
+        header_timeout_s: float = 10.0  # set per server by head_deadline_protocol()
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_deadline: asyncio.TimerHandle | None = None
+            self._head_bytes = 0  # of the request head being parsed (url + headers)
+            self._unparsed_head = 0  # bytes received while no head was complete
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            between = self._between_requests()
+            if between:
+                self._arm_head_deadline()
+            super().data_received(data)
+            if not self._between_requests():  # a head was parsed: the app owns the request now
+                self._cancel_head_deadline()
+                self._unparsed_head = 0
+            elif between and not self.transport.is_closing():
+                # a head arriving in pieces is buffered by llhttp/httptools header by header;
+                # bound what is waiting (h11's max_incomplete_event_size does this there)
+                self._unparsed_head += len(data)
+                if self._unparsed_head > MAX_REQUEST_HEAD_BYTES:
+                    self.send_400_response(f"request head exceeds {MAX_REQUEST_HEAD_BYTES} bytes")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url) + 16)  # + method, version, CRLF
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(len(name) + len(value) + 4)  # ": " and CRLF, as on the wire
+            super().on_header(name, value)
+
+        def _count_head(self, n: int) -> None:
+            self._head_bytes += n
+            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                raise _HeadTooLarge(f"request head of more than {MAX_REQUEST_HEAD_BYTES} bytes")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_deadline()
+            super().connection_lost(exc)
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm_head_deadline(self) -> None:
+            if self._head_deadline is None:
+                self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+        def _cancel_head_deadline(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_timed_out(self) -> None:
+            self._head_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()  # no response, as for h11 above
+
+
+def fast_http_available() -> bool:
+    """httptools and uvloop are importable (the fast protocol and loop can be used)."""
+    return HttpToolsProtocol is not None
+
+
+def head_deadline_protocol(header_timeout_s: float, http: str = "auto") -> type[asyncio.Protocol]:
+    """The protocol class for one server (uvicorn instantiates it per connection with only
+    its Config, so the timeout travels as a class attribute). `http`: "httptools", "h11"
+    or "auto" (httptools when installed)."""
     if header_timeout_s <= 0:
         raise ValueError(f"header_timeout_s must be > 0, got {header_timeout_s}")
-    return type("HeadDeadlineH11Protocol", (_HeadDeadlineH11Protocol,), {"header_timeout_s": header_timeout_s})
+    if http == "auto":
+        http = "httptools" if fast_http_available() else "h11"
+    if http == "httptools":
+        if not fast_http_available():
+            raise ValueError("http='httptools' needs the httptools and uvloop packages")
+        base: type[asyncio.Protocol] = _HeadDeadlineHttpToolsProtocol
+    elif http == "h11":
+        base = _HeadDeadlineH11Protocol
+    else:
+        raise ValueError(f"http must be auto, httptools or h11, got {http!r}")
+    return type(f"HeadDeadline{base.__name__.removeprefix('_HeadDeadline')}", (base,),
+                {"header_timeout_s": header_timeout_s})
+
+
+def _loop_name(settings: CoordinatorSettings) -> str:
+    """uvloop with the fast protocol, asyncio with h11 (what `serve` will run)."""
+    return "uvloop" if settings.http != "h11" and fast_http_available() else "asyncio"
 
 
 def _tls12_or_later(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
@@ -125,8 +236,8 @@ def build_uvicorn_config(app: Any, settings: CoordinatorSettings, *, log_level: 
         host=settings.host,
         port=settings.port,
         log_level=log_level,
-        loop="asyncio",
-        http=head_deadline_protocol(settings.header_timeout_s),
+        loop=_loop_name(settings),
+        http=head_deadline_protocol(settings.header_timeout_s, settings.http),
         ws="none",  # no websocket routes; an upgrade would escape the head deadline
         limit_concurrency=settings.limit_concurrency,
         # uvicorn types this int but only hands it to loop.call_later: a float is fine
@@ -166,4 +277,7 @@ def serve(settings: CoordinatorSettings, *, log_level: str = "warning", backlog:
         _bound_tls_handshake(asyncio.get_running_loop(), settings.header_timeout_s)
         await server.serve()
 
-    asyncio.run(main())
+    if server.config.loop == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

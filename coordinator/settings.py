@@ -49,6 +49,9 @@ class CoordinatorSettings(BaseSettings):
     limit_concurrency: int = 4096  # connections + tasks; beyond this uvicorn answers 503
     timeout_keep_alive_s: float = 5.0
     header_timeout_s: float = 10.0  # a connection must send its request head within this
+    # the HTTP protocol: httptools on uvloop ("auto", when installed: half h11's cost per
+    # request), or "h11" on asyncio (pure Python, no compiled wheels)
+    http: Literal["auto", "httptools", "h11"] = "auto"
     body_timeout_s: float = 120.0  # an upload body must arrive within this
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None

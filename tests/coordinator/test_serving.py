@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from coordinator.cli import main as cli_main
 from coordinator.server import MAX_REQUEST_HEAD_BYTES, build_uvicorn_config
@@ -36,13 +38,14 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _coordinator(root: Path, *extra: str, verify: ssl.SSLContext | bool = True) -> Iterator[tuple[str, int]]:
-    """Start a --dev coordinator; yield (base URL, port); always stop it."""
+def _coordinator(root: Path, *extra: str, verify: ssl.SSLContext | bool = True,
+                 http: str = "auto") -> Iterator[tuple[str, int]]:
+    """Start a --dev coordinator (`http`: its protocol); yield (base URL, port); always stop it."""
     port = _free_port()
     scheme = "https" if "--ssl-certfile" in extra else "http"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSLIM_")}
     env.update(FEDSLIM_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S), FEDSLIM_TIMEOUT_KEEP_ALIVE_S=str(KEEP_ALIVE_S),
-               PYTHONUNBUFFERED="1")
+               FEDSLIM_HTTP=http, PYTHONUNBUFFERED="1")
     log_path = root / f"coordinator-{port}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -70,9 +73,10 @@ def _coordinator(root: Path, *extra: str, verify: ssl.SSLContext | bool = True) 
             proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    with _coordinator(tmp_path_factory.mktemp("plain")) as server:
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def plain(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """A plain-HTTP coordinator, once with each protocol: both carry the head deadline and cap."""
+    with _coordinator(tmp_path_factory.mktemp("plain"), http=request.param) as server:
         yield server
 
 
@@ -114,10 +118,14 @@ def test_config_carries_the_settings() -> None:
     # Act
     config = build_uvicorn_config(object(), settings, log_level="error", backlog=99)
 
-    # Assert: what uvicorn will apply, and our h11 protocol with the head deadline
+    # Assert: what uvicorn will apply, and our protocol with the head deadline: httptools on
+    # uvloop by default (both are pinned), h11 on asyncio when asked
     assert (config.limit_concurrency, config.timeout_keep_alive, config.backlog) == (77, 3.5, 99)
     assert config.h11_max_incomplete_event_size == MAX_REQUEST_HEAD_BYTES
     assert isinstance(config.http, type) and config.http.header_timeout_s == 4.0  # type: ignore[attr-defined]
+    assert issubclass(config.http, HttpToolsProtocol) and config.loop == "uvloop"
+    slow = build_uvicorn_config(object(), CoordinatorSettings(dev_mode=True, http="h11"))
+    assert isinstance(slow.http, type) and issubclass(slow.http, H11Protocol) and slow.loop == "asyncio"
     assert config.ws == "none" and not config.is_ssl
     with pytest.raises(ValueError, match="ssl_certfile"):
         build_uvicorn_config(object(), CoordinatorSettings(dev_mode=True, ssl_keyfile=Path("k.pem")))
@@ -187,7 +195,7 @@ def test_idle_keep_alive_is_closed_and_a_stalled_next_head_too(plain: tuple[str,
 @pytest.mark.parametrize("header_bytes, ok", [
     (8 << 10, True),      # half the cap: served
     (20 << 10, False),    # over the cap, likely in one read: the parsed head is measured
-    (300 << 10, False),   # more than one read: h11's incomplete-event buffer limit
+    (300 << 10, False),   # more than one read: the incomplete head's buffer is bounded
 ])
 def test_request_head_size_is_capped(plain: tuple[str, int], header_bytes: int, ok: bool) -> None:
     _, port = plain
@@ -251,3 +259,17 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path, self_signed: tuple[P
             t = time.monotonic()
             _, closed = _read_until_closed(s, HEADER_TIMEOUT_S + 4)
         assert closed and time.monotonic() - t < HEADER_TIMEOUT_S + 4
+
+
+def test_an_unfinished_oversized_head_is_refused_at_once(plain: tuple[str, int]) -> None:
+    """A head that keeps coming and never ends is refused as soon as the bytes waiting for
+    it pass the cap (400), not only when the head deadline closes the socket (silently);
+    kills dropping the bound on the incomplete head's buffer."""
+    _, port = plain
+    with _raw(port) as s:
+        t = time.monotonic()
+        with suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(PARTIAL_HEAD + b"X-Pad: " + b"a" * (4 * MAX_REQUEST_HEAD_BYTES))  # no end of line
+        data, closed = _read_until_closed(s, 5)
+    assert closed and time.monotonic() - t < HEADER_TIMEOUT_S / 2, "refused only by the head deadline"
+    assert data.startswith(b"HTTP/1.1 4"), data[:100]
