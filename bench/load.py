@@ -13,6 +13,9 @@ downloaded; later versions by patch, the full model when there is no patch), "tr
 for a random time (--train-s), PUTs a realistic sparse update (per-tensor top-10 % of
 every tensor with >= SMALL_TENSOR entries, dense below, fp16 values, codec-encoded, with
 the X-Fedslim-Report header) and asks once more with wait=0 before long-polling again.
+Every upload of the run is encoded before round 1 (round r's from version r-1), so
+during the rounds the generator's own CPU is its HTTP; the table gives both processes'
+CPU seconds over the rounds.
 A prober GETs /v1/health every 50 ms on its own connection pool.
 
 What is measured (latency = request sent -> response read, on the client):
@@ -101,6 +104,10 @@ def make_update(shapes: dict[str, tuple[int, ...]], meta: DeltaMeta, seed: tuple
     return encode(ModelDelta(meta, tuple(tensors)), values="fp16")
 
 
+def _num_samples(agent: int, rnd: int) -> int:
+    return random.Random(agent * 100_003 + rnd).randint(100, 300)
+
+
 def percentile(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) if xs else None
 
@@ -114,6 +121,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def raise_nofile(need: int) -> int:
@@ -173,6 +185,15 @@ class Coordinator:
         except psutil.Error:
             return None
 
+    def cpu_s(self) -> float | None:
+        import psutil
+
+        try:
+            t = psutil.Process(self.proc.pid).cpu_times() if self.proc else None
+        except psutil.Error:
+            return None
+        return None if t is None else float(t.user + t.system)
+
     def log_tail(self, chars: int = 3000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:]
@@ -208,6 +229,8 @@ class Recorder:
     rss_mb_start: float | None = None
     rss_mb_per_round: list[float | None] = field(default_factory=list)
     round_close: list[float] = field(default_factory=list)  # perf_counter of each close
+    cpu_start: tuple[float | None, float] | None = None  # (coordinator, generator) CPU seconds at start
+    cpu_end: tuple[float | None, float] | None = None  # ... at the last round close
     started_at: float | None = None  # federation start
     incomplete: str | None = None
 
@@ -230,6 +253,7 @@ class Run:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.fid = ""
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")  # keeps the event loop free
+        self.prepared: dict[tuple[int, int, int], bytes] = {}  # (agent, round, base version) -> upload
         pool = n + 16  # a connection per agent (each has at most one request out) and spare
         self.http = httpx.AsyncClient(base_url=coord.url, timeout=30, limits=_limits(pool))
 
@@ -325,11 +349,13 @@ class Run:
             self.rec.task_times.setdefault(task.round, []).append(time.perf_counter())
             have = await self.sync_model(task, have, auth, http)
             await asyncio.sleep(rng.uniform(0, 2 * self.args.train_s))  # local training
-            num_samples = rng.randint(100, 300)
-            meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
-                             num_samples=num_samples, kind="delta")
-            body = await asyncio.get_running_loop().run_in_executor(
-                self.encoder, make_update, self.shapes, meta, (i, task.round))
+            num_samples = _num_samples(i, task.round)
+            body = self.prepared.pop((i, task.round, task.model_version), None)
+            if body is None:  # a round this run did not foresee (a retry): encode it now
+                meta = DeltaMeta(federation_id=task.federation_id, round=task.round, base_version=task.model_version,
+                                 num_samples=num_samples, kind="delta")
+                body = await asyncio.get_running_loop().run_in_executor(
+                    self.encoder, make_update, self.shapes, meta, (i, task.round))
             report = UpdateReport(num_samples=num_samples, train_loss=rng.uniform(0.5, 2.5),
                                   train_accuracy=rng.uniform(0.1, 0.9), train_seconds=self.args.train_s)
             resp = await self.call("upload", "PUT", f"/federations/{task.federation_id}/rounds/{task.round}/update",
@@ -346,6 +372,15 @@ class Run:
             resp = await self.call("poll", "GET", "/tasks", ok=(200, 204), params={"wait": 0}, headers=auth, http=http)
             if resp is not None and resp.status_code == 200:
                 task = Task.model_validate_json(resp.content)
+
+    def prepare(self) -> dict[tuple[int, int, int], bytes]:
+        out = {}
+        for i in range(self.n):
+            for rnd in range(1, self.args.rounds + 1):
+                meta = DeltaMeta(federation_id=self.fid, round=rnd, base_version=rnd - 1,
+                                 num_samples=_num_samples(i, rnd), kind="delta")
+                out[(i, rnd, rnd - 1)] = make_update(self.shapes, meta, (i, rnd))
+        return out
 
     async def sync_model(self, task: Task, have: int | None, auth: dict[str, str], http: httpx.AsyncClient) -> int:
         """As EdgeAgent.sync_model: version 0 is rebuilt from the seed (no bytes); patches
@@ -378,6 +413,7 @@ class Run:
                 for _ in range(done, int(fed["current_round"])):
                     done += 1
                     self.rec.round_close.append(time.perf_counter())
+                    self.rec.cpu_end = (self.coord.cpu_s(), _own_cpu_s())
                     self.rec.rss_mb_per_round.append(self.coord.rss_mb())
                     started = self.rec.started_at or 0.0
                     prev = self.rec.round_close[-2] if done > 1 else started
@@ -418,6 +454,11 @@ class Run:
             if resp is None:
                 raise RuntimeError("model download failed")
             self.shapes = {t.name: t.shape for t in decode(resp.content).tensors}
+            # every upload of the run encoded before it starts (round r's from version r-1),
+            # so the generator's own CPU during the rounds is HTTP only
+            t0 = time.perf_counter()
+            self.prepared = await asyncio.get_running_loop().run_in_executor(self.encoder, self.prepare)
+            log(f"  encoded {len(self.prepared)} uploads in {time.perf_counter() - t0:.1f} s")
             t0 = time.perf_counter()
             gate = asyncio.Semaphore(100)
             tokens = await asyncio.gather(*(self.enroll(i, gate) for i in range(self.n)))
@@ -427,6 +468,7 @@ class Run:
             if resp is None:
                 raise RuntimeError(f"federation start failed:\n{self.coord.log_tail()}")
             self.rec.started_at = time.perf_counter()
+            self.rec.cpu_start = (self.coord.cpu_s(), _own_cpu_s())
             self.rec.rss_mb_start = self.coord.rss_mb()
             await self.watcher()
         finally:
@@ -497,6 +539,9 @@ def summarize(n: int, args: argparse.Namespace, rec: Recorder, wall_s: float) ->
         "task_spread_s": [max(v) - min(v) for _, v in sorted(rec.task_times.items())],
         "rss_mb_start": rec.rss_mb_start, "rss_growth_mb": growth,
         "loop_lag_p99_s": percentile(rec.loop_lag, 99),
+        # CPU seconds from the start to the last round close: who had the cores
+        "coordinator_cpu_s": _cpu_delta(rec, 0), "generator_cpu_s": _cpu_delta(rec, 1),
+        "uploads_offered_per_s": n / (2 * args.train_s) if args.train_s > 0 else None,
         "complete": rec.incomplete is None, "incomplete_reason": rec.incomplete, "wall_s": wall_s,
         "train_s": args.train_s, "poll_wait_s": args.poll_wait,
     }
@@ -509,9 +554,19 @@ def summarize(n: int, args: argparse.Namespace, rec: Recorder, wall_s: float) ->
     return row
 
 
+def _cpu_delta(rec: Recorder, k: int) -> float | None:
+    if rec.cpu_start is None or rec.cpu_end is None or rec.cpu_start[k] is None or rec.cpu_end[k] is None:
+        return None
+    return float(rec.cpu_end[k] - rec.cpu_start[k])  # type: ignore[operator]
+
+
 # ---------------------------------------------------------------------- output
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{1000 * x:.0f}"
+
+
+def _cpu(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def _mark(ok: bool | None) -> str:
@@ -521,7 +576,7 @@ def _mark(ok: bool | None) -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (f"{'agents':>6} {'rounds':>6} {'errors':>6} {'up/s':>6} {'upload p50/p99 ms':>17} "
               f"{'poll p50/p99 ms':>15} {'health p50/p99 ms':>17}  {'RSS MB per round':<22} "
-              f"{'health':>6} {'upload':>6} {'errors':>6} {'RSS':>4}")
+              f"{'health':>6} {'upload':>6} {'errors':>6} {'RSS':>4}  {'CPU s coord/gen':>15}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         rss = "/".join(f"{x:.0f}" for x in r["rss_mb_per_round"] if x is not None) or "-"
@@ -532,7 +587,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{_ms(r['poll_p50_s']) + '/' + _ms(r['poll_p99_s']):>15} "
               f"{_ms(r['health_p50_s']) + '/' + _ms(r['health_p99_s']):>17}  {rss:<22} "
               f"{_mark(t['health_p99_lt_100ms']):>6} {_mark(t['upload_p99_lt_250ms']):>6} "
-              f"{_mark(t['zero_errors']):>6} {_mark(t['rss_flat']):>4}"
+              f"{_mark(t['zero_errors']):>6} {_mark(t['rss_flat']):>4}  "
+              f"{_cpu(r.get('coordinator_cpu_s')) + '/' + _cpu(r.get('generator_cpu_s')):>15}"
               + ("" if r["complete"] else f"  INCOMPLETE: {r['incomplete_reason']}"))
     print("targets: /health p99 < 100 ms, upload p99 < 250 ms, zero errors, RSS flat across rounds")
 

@@ -256,9 +256,13 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         return Response(task, media_type="application/json")
 
     # ---------------------------------------------------------------- models (members or admin)
-    def _model_response(fid: str, version: int | None, patch: bool, reshape: bool = False,
-                        mask: bool = False) -> Response:
-        served = svc.model_bytes(fid, version, patch=patch, reshape=reshape, mask=mask)
+    async def _model_response(fid: str, version: int | None, patch: bool, reshape: bool = False,
+                              mask: bool = False) -> Response:
+        # from memory on the event loop while a round is open (every agent fetches the same
+        # few artifacts at once); else the database and disk, in the thread pool
+        served = svc.model_bytes_in_memory(fid, version, patch=patch, reshape=reshape, mask=mask)
+        if served is None:
+            served = await run_in_threadpool(svc.model_bytes, fid, version, patch=patch, reshape=reshape, mask=mask)
         svc.metrics.served(len(served.data))
         kind = ("mask-patch" if mask and patch else "mask" if mask else "reshape" if reshape
                 else "patch" if patch else "model")
@@ -266,35 +270,36 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
                    RESHAPE_HEADER: "1" if served.reshaped else "0", MASK_HEADER: served.mask_sha256}
         return Response(served.data, media_type="application/json" if reshape else _OCTETS, headers=headers)
 
-    def reader(fid: FederationId, token: Annotated[str | None, Depends(_bearer)]) -> None:
-        svc.check_reader(token, fid)
+    async def reader(fid: FederationId, token: Annotated[str | None, Depends(_bearer)]) -> None:
+        if not svc.check_reader_in_memory(token, fid):
+            await run_in_threadpool(svc.check_reader, token, fid)
 
     Reader = Depends(reader)
 
     @api.get("/federations/{fid}/model", dependencies=[Reader], response_class=Response)
-    def current_model(fid: FederationId) -> Response:
-        return _model_response(fid, None, False)
+    async def current_model(fid: FederationId) -> Response:
+        return await _model_response(fid, None, False)
 
     @api.get("/federations/{fid}/models/{version}", dependencies=[Reader], response_class=Response)
-    def model_version(fid: FederationId, version: VersionNo) -> Response:
-        return _model_response(fid, version, False)
+    async def model_version(fid: FederationId, version: VersionNo) -> Response:
+        return await _model_response(fid, version, False)
 
     @api.get("/federations/{fid}/models/{version}/patch", dependencies=[Reader], response_class=Response)
-    def model_patch(fid: FederationId, version: VersionNo) -> Response:
+    async def model_patch(fid: FederationId, version: VersionNo) -> Response:
         """Delta from version-1; apply the reshape first when the RESHAPE header says 1."""
-        return _model_response(fid, version, True)
+        return await _model_response(fid, version, True)
 
     @api.get("/federations/{fid}/models/{version}/mask", dependencies=[Reader], response_class=Response)
-    def model_mask(fid: FederationId, version: VersionNo) -> Response:
+    async def model_mask(fid: FederationId, version: VersionNo) -> Response:
         """The keep-masks of `version` (sparse_kernels.masks; sha256 = the task's and the
         MASK header's mask_sha256): apply w⊙m after the patch. 404 when it has none."""
-        return _model_response(fid, version, False, mask=True)
+        return await _model_response(fid, version, False, mask=True)
 
     @api.get("/federations/{fid}/models/{version}/mask/patch", dependencies=[Reader], response_class=Response)
-    def model_mask_patch(fid: FederationId, version: VersionNo) -> Response:
+    async def model_mask_patch(fid: FederationId, version: VersionNo) -> Response:
         """The flips from version-1's mask to `version`'s (a mask artifact of the XOR): for
         an agent holding version-1's mask. 404 when unchanged or there was none."""
-        return _model_response(fid, version, True, mask=True)
+        return await _model_response(fid, version, True, mask=True)
 
     @api.get("/federations/{fid}/models/{version}/levels/{level}", dependencies=[Reader], response_class=Response)
     def model_level(fid: FederationId, version: VersionNo, level: LevelNo,
@@ -304,9 +309,9 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
         return Response(data, media_type=_OCTETS, headers={VERSION_HEADER: str(version), KIND_HEADER: "model"})
 
     @api.get("/federations/{fid}/models/{version}/reshape", dependencies=[Reader], response_class=Response)
-    def model_reshape(fid: FederationId, version: VersionNo) -> Response:
+    async def model_reshape(fid: FederationId, version: VersionNo) -> Response:
         """Kept channel indices per tensor and dimension, from version-1 (JSON)."""
-        return _model_response(fid, version, False, reshape=True)
+        return await _model_response(fid, version, False, reshape=True)
 
     @api.get("/federations/{fid}/export/model.onnx", dependencies=[Admin], response_class=Response)
     def export_model(fid: FederationId) -> Response:
@@ -354,7 +359,8 @@ def create_app(settings: CoordinatorSettings, *, service: CoordinatorService | N
             errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)[:10]]
             raise BadRequest(f"bad {REPORT_HEADER}: {errors}") from None
         # refuse what can be refused before reading a byte of the body
-        await run_in_threadpool(svc.check_upload, who, fid, rnd, _client_ip(request))
+        if not svc.check_upload_in_memory(who, fid, rnd, _client_ip(request)):
+            await run_in_threadpool(svc.check_upload_in_store, who, fid, rnd)
         body = await _read_capped(request, svc.settings.max_upload_bytes, svc.settings.body_timeout_s)
         accepted, duplicate = await run_in_threadpool(svc.submit_update, who, fid, rnd, body, parsed)
         svc.metrics.update_received(len(body), duplicate=duplicate)

@@ -72,6 +72,7 @@ __all__ = ["CoordinatorService", "Served"]
 log = logging.getLogger("fedslim.coordinator")
 MAX_MODEL_BLOB = MAX_MODEL_BYTES  # stored full models: written by us, read back without a smaller cap
 _ACTIVE = ("running", "paused")
+_MODEL_ROWS_CACHED = 4096
 
 
 _ACCEPTED = (True, False)  # an upload's outcome: (accepted, duplicate)
@@ -147,6 +148,8 @@ class CoordinatorService:
         # loses at most one tick's count
         self._served: dict[tuple[str, int], int] = {}
         self._served_lock = threading.Lock()
+        # model rows by (federation, version): written once, never changed, read per download
+        self._model_rows: dict[tuple[str, int], dict[str, Any]] = {}
         self.blob_cache = BlobCache(max_bytes=256 << 20)
         self.metrics = Metrics()  # this coordinator's Prometheus registry (GET /metrics)
         # accepted uploads are recorded in batches: one transaction (one fsync) per batch
@@ -267,39 +270,76 @@ class CoordinatorService:
     # ------------------------------------------------------------------ models
     def check_reader(self, token: str | None, fid: str) -> None:
         """The admin reads every federation; an agent only those it was selected for."""
-        if self.auth.is_admin(token):
-            return
-        agent = self.auth.agent(token)
-        live = self._live.get(fid)  # a dict read: no lock, so downloads never queue behind a close
-        if live is None:
+        if not self.check_reader_in_memory(token, fid):
             fed = self.get_federation(fid)
             with self.lock:
                 live = self._load(fed)
-        members = live.members
-        if agent.id not in members:
+            agent = self.auth.agent(token)
+            if agent.id not in live.members:
+                raise Forbidden(f"agent {agent.id} takes no part in federation {fid}")
+
+    def check_reader_in_memory(self, token: str | None, fid: str) -> bool:
+        """`check_reader` from memory alone (safe on the event loop): True when allowed,
+        Forbidden/Unauthorized when not, False when the federation is not loaded yet."""
+        if self.auth.is_admin(token):
+            return True
+        agent = self.auth.agent(token)
+        live = self._live.get(fid)  # a dict read: no lock, so downloads never queue behind a close
+        if live is None:
+            return False
+        if agent.id not in live.members:
             raise Forbidden(f"agent {agent.id} takes no part in federation {fid}")
+        return True
 
     def model_bytes(self, fid: str, version: int | None, *, patch: bool = False,
                     reshape: bool = False, mask: bool = False) -> Served:
         """Full model (codec kind=model), the patch from version-1, the reshape (JSON) into
         `version`, or its mask artifact (`sparse_kernels.masks`; with `patch`, the mask
         patch from version-1's); counts the bytes."""
+        served = self.model_bytes_in_memory(fid, version, patch=patch, reshape=reshape, mask=mask)
+        if served is not None:
+            return served
         row = self.get_federation(fid)
         version = row.model_version if version is None else version
-        with self.store.tx() as conn:
-            m = self.store.get_model(conn, fid, version)
-        if m is None:
-            raise NotFound(f"model version {version} of federation {fid} not found")
-        what = ("mask_patch" if mask and patch else "mask" if mask else "reshape" if reshape
-                else "patch" if patch else "blob")
-        digest = m[f"{what}_blob"] if what != "blob" else m["blob"]
-        if digest is None:
-            raise NotFound(f"no {what.replace('_', ' ')} {'of' if mask else 'into'} version {version}")
+        m = self._model_row(fid, version)
+        digest = _artifact_digest(m, fid, version, patch=patch, reshape=reshape, mask=mask)
         data = self.blob_cache.get(digest, self.store.blobs.get)
-        with self._served_lock:
-            key = (fid, row.current_round + 1)
-            self._served[key] = self._served.get(key, 0) + len(data)
+        self._count_served(fid, row.current_round + 1, len(data))
         return Served(version, data, m["reshape_blob"] is not None, m["mask_blob"] or "")
+
+    def model_bytes_in_memory(self, fid: str, version: int | None, *, patch: bool = False,
+                              reshape: bool = False, mask: bool = False) -> Served | None:
+        """`model_bytes` without the database or the disk (safe on the event loop), while
+        a round is open and the artifact is cached; None otherwise. Model rows never
+        change once written, so a cached row cannot be stale."""
+        live, entry = self._live.get(fid), self.board.current(fid)
+        if live is None or entry is None:
+            return None
+        version = live.version if version is None else version
+        m = self._model_rows.get((fid, version))
+        if m is None:
+            return None
+        data = self.blob_cache.peek(_artifact_digest(m, fid, version, patch=patch, reshape=reshape, mask=mask))
+        if data is None:
+            return None
+        self._count_served(fid, entry.round, len(data))
+        return Served(version, data, m["reshape_blob"] is not None, m["mask_blob"] or "")
+
+    def _model_row(self, fid: str, version: int) -> dict[str, Any]:
+        m = self._model_rows.get((fid, version))
+        if m is None:
+            with self.store.tx() as conn:
+                m = self.store.get_model(conn, fid, version)
+            if m is None:
+                raise NotFound(f"model version {version} of federation {fid} not found")
+            if len(self._model_rows) >= _MODEL_ROWS_CACHED:
+                self._model_rows.pop(next(iter(self._model_rows)))  # oldest first
+            self._model_rows[(fid, version)] = m
+        return m
+
+    def _count_served(self, fid: str, rnd: int, n: int) -> None:
+        with self._served_lock:
+            self._served[(fid, rnd)] = self._served.get((fid, rnd), 0) + n
 
     def _put_masks(self, state: dict[str, np.ndarray], before: dict[str, np.ndarray] | None = None,
                    ) -> tuple[str | None, str | None]:
@@ -378,10 +418,12 @@ class CoordinatorService:
         """What can be refused before the body is read: rate, federation, round, selection.
         An agent that already uploaded to this round passes (its retry is answered after
         the body, as a duplicate or a conflict)."""
-        self.auth.check_upload_rate(agent, client_ip)
-        entry = self.board.current(fid)
-        if entry is not None and entry.round == rnd and agent.id in entry.selected:
-            return
+        if not self.check_upload_in_memory(agent, fid, rnd, client_ip):
+            self.check_upload_in_store(agent, fid, rnd)
+
+    def check_upload_in_store(self, agent: AgentRow, fid: str, rnd: int) -> None:
+        """`check_upload` for a round that is not the published open one (after a restart,
+        a stale or a wrong round), from the store."""
         fed = self.get_federation(fid)
         with self.store.tx() as conn:
             row = self.store.get_round(conn, fid, rnd)
@@ -392,6 +434,14 @@ class CoordinatorService:
             raise StaleUpdate(f"round {rnd} of federation {fid} is not open (current round {fed.current_round + 1})")
         if agent.id not in row.selected:
             raise StaleUpdate(f"agent {agent.id} was not selected for round {rnd}")
+
+    def check_upload_in_memory(self, agent: AgentRow, fid: str, rnd: int, client_ip: str = "unknown") -> bool:
+        """The rate limit, then `check_upload` from memory (safe on the event loop): True
+        when the round is the published open one and the agent was selected for it; False
+        when only the store can tell."""
+        self.auth.check_upload_rate(agent, client_ip)
+        entry = self.board.current(fid)
+        return entry is not None and entry.round == rnd and agent.id in entry.selected
 
     def submit_update(self, agent: AgentRow, fid: str, rnd: int, body: bytes, report: UpdateReport) -> tuple[bool, bool]:
         """Validate, store durably, fold once. Returns (accepted, duplicate). Raises a
@@ -843,6 +893,16 @@ class CoordinatorService:
     @staticmethod
     def _context(cfg: FederationCreate, rnd: int, participants: int) -> RoundContext:
         return RoundContext(rnd, cfg.rounds, cfg.model, cfg.in_channels, cfg.num_classes, cfg.image_size, participants)
+
+
+def _artifact_digest(m: dict[str, Any], fid: str, version: int, *, patch: bool, reshape: bool, mask: bool) -> str:
+    """The blob of one artifact of model row `m`; NotFound when the version has none."""
+    what = ("mask_patch" if mask and patch else "mask" if mask else "reshape" if reshape
+            else "patch" if patch else "blob")
+    digest = m[f"{what}_blob"] if what != "blob" else m["blob"]
+    if digest is None:
+        raise NotFound(f"no {what.replace('_', ' ')} {'of' if mask else 'into'} version {version}")
+    return str(digest)
 
 
 def _model_identity(cfg: FederationCreate) -> dict[str, str]:

@@ -246,6 +246,14 @@ class BlobCache:
         self._size = 0
         self._lock = threading.Lock()
 
+    def peek(self, digest: str) -> bytes | None:
+        """The blob if it is in memory (no disk read: safe on the event loop)."""
+        with self._lock:
+            data = self._items.get(digest)
+            if data is not None:
+                self._items.move_to_end(digest)
+            return data
+
     def get(self, digest: str, load: Callable[[str], bytes]) -> bytes:
         with self._lock:
             data = self._items.get(digest)

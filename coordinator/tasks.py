@@ -4,7 +4,8 @@ Long polls are coroutines on the server's event loop: a waiting agent holds no t
 costs no database query. The scheduler thread publishes each open round here (its task
 JSON is built once per round, or once per width level); the upload path marks
 agents done. A short lock guards the index (never held across I/O), so the event loop
-never waits on the scheduler's round closing.
+never waits on the scheduler's round closing. Waiters are woken in paced batches
+(WAKE_BATCH), so a round opening for many agents does not stall every other request.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["OpenRound", "TaskBoard"]
+__all__ = ["WAKE_BATCH", "OpenRound", "TaskBoard"]
+
+# A round opening wakes every long poll at once; each woken agent gets its task and then
+# downloads the model, so 1000 agents are ~1000 responses and 1000 downloads queued on the
+# event loop in one go, and /health (and every upload) waits behind all of them. Waking
+# them WAKE_BATCH at a time, WAKE_PACE_S apart (later when the loop runs late), lets other
+# requests in between batches; 1000 agents all have their task within about a second.
+WAKE_BATCH = 64
+WAKE_PACE_S = 0.005
 
 
 @dataclass
@@ -36,7 +46,10 @@ class TaskBoard:
         self._open: dict[str, OpenRound] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._changed: asyncio.Event | None = None
+        # long polls waiting for a change (a dict: ordered, and a timed-out one leaves in O(1))
+        self._waiters: dict[asyncio.Future[None], None] = {}
+        self._waking: deque[asyncio.Future[None]] = deque()  # ... told of one, not yet woken
+        self._release_scheduled = False
         self._closed = False
 
     # ---------------------------------------------------------------- writers (any thread)
@@ -82,7 +95,7 @@ class TaskBoard:
 
     async def wait_for(self, agent_id: str, wait_s: float) -> bytes | None:
         """A task for `agent_id`, or None after `wait_s` seconds (on the event loop)."""
-        self._attach()
+        loop = self._attach()
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
             task = self.find(agent_id)
@@ -91,15 +104,20 @@ class TaskBoard:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            assert self._changed is not None
-            changed = self._changed
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
+            woken: asyncio.Future[None] = loop.create_future()
+            self._waiters[woken] = None
+            timer = loop.call_later(min(remaining, 5.0), _resolve, woken)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                self._waiters.pop(woken, None)
 
-    def _attach(self) -> None:
+    def _attach(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            self._loop, self._changed = loop, asyncio.Event()
+            self._loop, self._waiters, self._waking = loop, {}, deque()
+        return loop
 
     def _wake(self) -> None:
         loop = self._loop
@@ -108,7 +126,22 @@ class TaskBoard:
                 loop.call_soon_threadsafe(self._fire)
 
     def _fire(self) -> None:
-        # every waiter holds the old event; set it and hand out a fresh one
-        if self._changed is not None:
-            old, self._changed = self._changed, asyncio.Event()
-            old.set()
+        # everyone waiting now looks again, a batch at a time (see WAKE_BATCH); a waiter
+        # arriving later sees the change itself, before it waits
+        self._waking.extend(self._waiters)
+        self._waiters.clear()
+        if not self._release_scheduled:
+            self._release()
+
+    def _release(self) -> None:
+        self._release_scheduled = False
+        for _ in range(min(WAKE_BATCH, len(self._waking))):
+            _resolve(self._waking.popleft())
+        if self._waking and self._loop is not None:
+            self._release_scheduled = True
+            self._loop.call_later(WAKE_PACE_S, self._release)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
