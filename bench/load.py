@@ -16,7 +16,8 @@ the X-Fedslim-Report header) and asks once more with wait=0 before long-polling 
 Every upload of the run is encoded before round 1 (round r's from version r-1), so
 during the rounds the generator's own CPU is its HTTP; the table gives both processes'
 CPU seconds over the rounds.
-A prober GETs /v1/health every 50 ms on its own connection pool.
+A prober GETs /v1/health every 50 ms, from a process of its own (as an orchestrator's
+probe would): in this process it measured this event loop's lag as much as the server.
 
 What is measured (latency = request sent -> response read, on the client):
   upload   PUT .../update                      p50 / p99, uploads/s
@@ -285,22 +286,29 @@ class Run:
         return None
 
     # ------------------------------------------------------------------ roles
-    async def prober(self) -> None:
-        """GET /health every 50 ms whether or not the previous probe came back, so a stall
-        shows as many slow probes, not as one."""
-        async with httpx.AsyncClient(base_url=self.coord.url, timeout=10, limits=_limits(256)) as http:
-            probes: set[asyncio.Task[httpx.Response | None]] = set()
-            while not self.stop.is_set():
-                if len(probes) < 200:  # 10 s of probes outstanding: the timeout's worth
-                    probe = asyncio.create_task(self.call("health", "GET", "/health", http=http))
-                    probes.add(probe)
-                    probe.add_done_callback(probes.discard)
-                await self.until_stop(asyncio.sleep(PROBE_INTERVAL_S))
-            if probes:
-                await asyncio.wait(probes, timeout=5)
-            for probe in probes:
-                probe.cancel()
-            await asyncio.gather(*probes, return_exceptions=True)
+    def start_prober(self) -> tuple[Any, Any]:
+        """The /health prober in a process of its own (spawned: no asyncio or httpx state
+        inherited), so its figures are the server's latency, not this loop's lag."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_probe_main, args=(self.coord.url, theirs), daemon=True)
+        proc.start()
+        return proc, ours
+
+    def stop_prober(self, proc: Any, conn: Any) -> None:
+        conn.send("stop")
+        if conn.poll(30):
+            latencies, errors = conn.recv()
+            self.rec.latency["health"].extend(latencies)
+            for what, count in errors.items():
+                self.rec.errors[what] += count
+        else:
+            self.rec.error("health prober did not report")
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
 
     async def ticker(self) -> None:
         """How late this process's event loop runs: the client's share of any latency."""
@@ -441,8 +449,10 @@ class Run:
 
     async def main(self) -> None:
         tasks: list[asyncio.Task[None]] = []
+        prober: tuple[Any, Any] | None = None
         try:
-            tasks += [asyncio.create_task(self.prober()), asyncio.create_task(self.ticker())]
+            prober = self.start_prober()
+            tasks += [asyncio.create_task(self.ticker())]
             config = federation_config(self.n, self.args.rounds, self.args.timeout)
             resp = await self.admin_call("POST", "/federations", ok=(201,), json=config)
             if resp is None:
@@ -478,8 +488,45 @@ class Run:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if prober is not None:
+                self.stop_prober(*prober)
             await self.http.aclose()
             self.encoder.shutdown(wait=False, cancel_futures=True)
+
+
+def _probe_main(url: str, conn: Any) -> None:
+    """GET /health every PROBE_INTERVAL_S whether or not the previous probe came back, so a
+    stall shows as many slow probes, not as one; on "stop", send back (latencies, errors)."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+
+    async def probe(http: httpx.AsyncClient) -> None:
+        t0 = time.perf_counter()
+        try:
+            resp = await http.get(f"{API_PREFIX}/health")
+        except httpx.HTTPError as exc:
+            errors[f"health {type(exc).__name__}"] += 1
+            return
+        if resp.status_code == 200:
+            latencies.append(time.perf_counter() - t0)
+        else:
+            errors[f"health {resp.status_code}"] += 1
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10, limits=_limits(256)) as http:
+            probes: set[asyncio.Task[None]] = set()
+            while not conn.poll():
+                if len(probes) < 200:  # 10 s of probes outstanding: the timeout's worth
+                    task = asyncio.create_task(probe(http))
+                    probes.add(task)
+                    task.add_done_callback(probes.discard)
+                await asyncio.sleep(PROBE_INTERVAL_S)
+            if probes:
+                await asyncio.wait(probes, timeout=5)
+
+    asyncio.run(main())
+    conn.recv()
+    conn.send((latencies, dict(errors)))
 
 
 def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
