@@ -286,29 +286,26 @@ class Run:
         return None
 
     # ------------------------------------------------------------------ roles
-    def start_prober(self) -> tuple[Any, Any]:
-        """The /health prober in a process of its own (spawned: no asyncio or httpx state
-        inherited), so its figures are the server's latency, not this loop's lag."""
-        import multiprocessing
+    def start_prober(self) -> subprocess.Popen[str]:
+        """The /health prober in a process of its own, so its figures are the server's
+        latency, not this loop's lag."""
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        return subprocess.Popen([sys.executable, "-m", "bench.load", "--probe", self.coord.url], cwd=root, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-        ctx = multiprocessing.get_context("spawn")
-        ours, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_probe_main, args=(self.coord.url, theirs), daemon=True)
-        proc.start()
-        return proc, ours
-
-    def stop_prober(self, proc: Any, conn: Any) -> None:
-        conn.send("stop")
-        if conn.poll(30):
-            latencies, errors = conn.recv()
-            self.rec.latency["health"].extend(latencies)
-            for what, count in errors.items():
-                self.rec.errors[what] += count
-        else:
-            self.rec.error("health prober did not report")
-        proc.join(10)
-        if proc.is_alive():
+    def stop_prober(self, proc: subprocess.Popen[str]) -> None:
+        try:
+            out, _ = proc.communicate("stop\n", timeout=30)
+            latencies, errors = json.loads(out)
+        except (subprocess.TimeoutExpired, ValueError):
             proc.kill()
+            proc.wait(10)
+            self.rec.error("health prober did not report")
+            return
+        self.rec.latency["health"].extend(latencies)
+        for what, count in errors.items():
+            self.rec.errors[what] += count
 
     async def ticker(self) -> None:
         """How late this process's event loop runs: the client's share of any latency."""
@@ -449,7 +446,7 @@ class Run:
 
     async def main(self) -> None:
         tasks: list[asyncio.Task[None]] = []
-        prober: tuple[Any, Any] | None = None
+        prober: subprocess.Popen[str] | None = None
         try:
             prober = self.start_prober()
             tasks += [asyncio.create_task(self.ticker())]
@@ -489,16 +486,26 @@ class Run:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if prober is not None:
-                self.stop_prober(*prober)
+                self.stop_prober(prober)
             await self.http.aclose()
             self.encoder.shutdown(wait=False, cancel_futures=True)
 
 
-def _probe_main(url: str, conn: Any) -> None:
-    """GET /health every PROBE_INTERVAL_S whether or not the previous probe came back, so a
-    stall shows as many slow probes, not as one; on "stop", send back (latencies, errors)."""
+def probe_main(url: str) -> None:
+    """`--probe URL`: GET /health every PROBE_INTERVAL_S whether or not the previous probe
+    came back (a stall shows as many slow probes, not as one) until a line arrives on
+    stdin; then print [latencies, {error: count}] as JSON."""
+    import threading
+
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def wait_for_stop() -> None:
+        sys.stdin.readline()
+        stop.set()
+
+    threading.Thread(target=wait_for_stop, daemon=True).start()
 
     async def probe(http: httpx.AsyncClient) -> None:
         t0 = time.perf_counter()
@@ -515,7 +522,7 @@ def _probe_main(url: str, conn: Any) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=10, limits=_limits(256)) as http:
             probes: set[asyncio.Task[None]] = set()
-            while not conn.poll():
+            while not stop.is_set():
                 if len(probes) < 200:  # 10 s of probes outstanding: the timeout's worth
                     task = asyncio.create_task(probe(http))
                     probes.add(task)
@@ -525,8 +532,7 @@ def _probe_main(url: str, conn: Any) -> None:
                 await asyncio.wait(probes, timeout=5)
 
     asyncio.run(main())
-    conn.recv()
-    conn.send((latencies, dict(errors)))
+    print(json.dumps([latencies, dict(errors)]), flush=True)
 
 
 def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -681,7 +687,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll-wait", type=float, default=20.0, help="long-poll wait, seconds")
     p.add_argument("--results", type=Path, help="JSON path (default bench/results/load[-quick].json)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--probe", metavar="URL", help=argparse.SUPPRESS)  # the /health prober's own process
     args = p.parse_args(argv)
+    if args.probe:
+        probe_main(args.probe)
+        return 0
     agents = [int(x) for a in (args.agents or (["50"] if args.quick else ["50,200,1000"])) for x in a.split(",") if x]
     args.rounds = args.rounds or (2 if args.quick else 3)
     results = args.results or RESULTS / ("load-quick.json" if args.quick else "load.json")
