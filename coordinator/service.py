@@ -332,9 +332,10 @@ class CoordinatorService:
                 m = self.store.get_model(conn, fid, version)
             if m is None:
                 raise NotFound(f"model version {version} of federation {fid} not found")
-            if len(self._model_rows) >= _MODEL_ROWS_CACHED:
-                self._model_rows.pop(next(iter(self._model_rows)))  # oldest first
-            self._model_rows[(fid, version)] = m
+            with self._served_lock:  # evicting iterates the dict: no insert may race it
+                if len(self._model_rows) >= _MODEL_ROWS_CACHED:
+                    self._model_rows.pop(next(iter(self._model_rows)))  # oldest first
+                self._model_rows[(fid, version)] = m
         return m
 
     def _count_served(self, fid: str, rnd: int, n: int) -> None:
