@@ -152,7 +152,8 @@ def test_twins_and_copies_inside_one_batch_leave_exactly_the_accepted_updates(co
         queued = []
         for k, body in [(1, bodies[1]), (2, bodies[2]), (3, bodies[3]), (4, bodies[4]), (1, bodies[1]), (5, bodies[2])]:
             queued.append(pool.submit(_put, coordinator, agents[k], fid, 1, body, samples[k]))
-            _wait(lambda n=len(queued): len(svc._commits._pending) == n, f"upload {len(queued)} to queue")
+            n = len(queued)
+            _wait(lambda: len(svc._commits._pending) == n, f"upload {n} to queue")  # noqa: B023 (called at once)
         release.set()
         statuses = [first.result(), *(q.result() for q in queued)]
     assert statuses == [200, 200, 200, 200, 200, 200, 409]
