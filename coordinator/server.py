@@ -61,6 +61,34 @@ class _HeadCappedConnection(h11.Connection):
         return event
 
 
+class _HeadClock:
+    """The head deadline of one connection: armed while a request head is awaited (later
+    bytes do not re-arm it), cancelled once the head is parsed; when it runs out,
+    `expire` closes the connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, expire: Callable[[], None]) -> None:
+        self._loop, self._timeout_s, self._expire = loop, timeout_s, expire
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._timeout_s, self._fire)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._expire()
+
+
+def _between_requests(cycle: Any) -> bool:
+    """No request is being served on the connection (none yet, or its response is out)."""
+    return cycle is None or cycle.response_complete
+
+
 class _HeadDeadlineH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus a deadline on receiving each request head, and a cap on
     its size."""
@@ -70,41 +98,28 @@ class _HeadDeadlineH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _HeadCappedConnection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
-        self._head_deadline: asyncio.TimerHandle | None = None
+        self._head_clock = _HeadClock(self.loop, self.header_timeout_s, self._head_timed_out)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_deadline()  # a fresh connection must send a head: no idle sockets
+        self._head_clock.arm()  # a fresh connection must send a head: no idle sockets
 
     def data_received(self, data: bytes) -> None:
         # Between requests the clock starts at the first byte and is not reset by later
         # ones (uvicorn's keep-alive timer is, which is what lets a trickle live forever).
         # "Between requests" includes an early response (401, 413) while the client still
         # sends a body nobody will read.
-        if self._between_requests():
-            self._arm_head_deadline()
+        if _between_requests(self.cycle):
+            self._head_clock.arm()
         super().data_received(data)
-        if not self._between_requests():  # a head was parsed: the app owns the request now
-            self._cancel_head_deadline()
+        if not _between_requests(self.cycle):  # a head was parsed: the app owns the request now
+            self._head_clock.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_deadline()
+        self._head_clock.cancel()
         super().connection_lost(exc)
 
-    def _between_requests(self) -> bool:
-        return self.cycle is None or self.cycle.response_complete
-
-    def _arm_head_deadline(self) -> None:
-        if self._head_deadline is None:
-            self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
-
-    def _cancel_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
     def _head_timed_out(self) -> None:
-        self._head_deadline = None
         if self.transport.is_closing():
             return
         # Close without a response, like uvicorn's keep-alive handler and nginx: the
@@ -128,21 +143,21 @@ if HttpToolsProtocol is not None:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._head_deadline: asyncio.TimerHandle | None = None
+            self._head_clock = _HeadClock(self.loop, self.header_timeout_s, self._head_timed_out)
             self._head_bytes = 0  # of the request head being parsed (url + headers)
             self._unparsed_head = 0  # bytes received while no head was complete
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm_head_deadline()
+            self._head_clock.arm()
 
         def data_received(self, data: bytes) -> None:
-            between = self._between_requests()
+            between = _between_requests(self.cycle)
             if between:
-                self._arm_head_deadline()
+                self._head_clock.arm()
             super().data_received(data)
-            if not self._between_requests():  # a head was parsed: the app owns the request now
-                self._cancel_head_deadline()
+            if not _between_requests(self.cycle):  # a head was parsed: the app owns the request now
+                self._head_clock.cancel()
                 self._unparsed_head = 0
             elif between and not self.transport.is_closing():
                 # a head arriving in pieces is buffered by llhttp/httptools header by header;
@@ -169,23 +184,10 @@ if HttpToolsProtocol is not None:
                 raise _HeadTooLarge(f"request head of more than {MAX_REQUEST_HEAD_BYTES} bytes")
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_head_deadline()
+            self._head_clock.cancel()
             super().connection_lost(exc)
 
-        def _between_requests(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
-
-        def _arm_head_deadline(self) -> None:
-            if self._head_deadline is None:
-                self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
-
-        def _cancel_head_deadline(self) -> None:
-            if self._head_deadline is not None:
-                self._head_deadline.cancel()
-                self._head_deadline = None
-
         def _head_timed_out(self) -> None:
-            self._head_deadline = None
             if not self.transport.is_closing():
                 self.transport.close()  # no response, as for h11 above
 
