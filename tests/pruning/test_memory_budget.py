@@ -197,6 +197,7 @@ import torch
 from edge_agent.budget import PeakMemoryMeter
 from edge_agent.units import proc_status_bytes
 
+MB = 1 << 20
 with PeakMemoryMeter(force_sampling=sys.argv[1] == "1") as meter:
     block = torch.ones(50 * MB // 4)  # touched: resident
     # hold the block until the sampling thread has seen it, at most 2 s; vmhwm sees it at once
