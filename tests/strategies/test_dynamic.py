@@ -63,6 +63,34 @@ def test_registered_and_gates_every_conv_but_the_first() -> None:
         np.testing.assert_array_equal(again[k], w[k])
 
 
+@pytest.mark.parametrize("zero_residual", [True, False])
+def test_resnet32_starts_trainable_with_zero_residual_branches(zero_residual: bool) -> None:
+    """The gates' gain (bias 1, Kaiming) compounds along ResNet-32's residual path: at init
+    the logits reach ~1e9 unless each branch's last BN starts at γ = 0 (the default).
+    Kills: dropping `zero_init_residual` (logits explode), zeroing a shortcut's BN instead
+    (the branches still add their gain), or not passing the param to the agents' rebuild."""
+    w = _initial("resnet32", 1, zero_residual=zero_residual)
+    block_bns = [k for k in w if k.endswith(".conv2.bn.weight")]
+    assert len(block_bns) == 15  # 3 stages × 5 blocks; the gated BN lives in the wrapper
+    assert all((w[k] == 0).all() for k in block_bns) == zero_residual
+    assert all((w[k] == 1).all() for k in w if ".shortcut." in k and k.endswith("bn.weight"))
+    from strategies.dynamic.common import initial_weights_from_params
+
+    w0 = seeded_weights("resnet32", 0, in_channels=1, num_classes=10)
+    ctx = RoundContext(0, 2, "resnet32", 1, 10, None, 0)
+    agent_side = initial_weights_from_params({"zero_residual": zero_residual}, w0, ctx)
+    for k in w:
+        np.testing.assert_array_equal(agent_side[k], w[k])
+    model = build_from_state("resnet32", w, in_channels=1, num_classes=10).train()
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(x)
+    if zero_residual:
+        assert float(logits.abs().max()) < 10.0
+    else:
+        assert float(logits.abs().max()) > 1e3  # the divergence the option exists for
+
+
 @pytest.mark.parametrize("lossy", [False, True])  # True: the model travelled as fp16
 def test_gated_model_round_trips_through_its_weights(lossy: bool) -> None:
     torch.manual_seed(0)
