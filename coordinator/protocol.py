@@ -236,6 +236,11 @@ class FederationCreate(_Strict):
     clients_per_round: int = Field(10, ge=1, le=100_000)
     min_clients: int = Field(1, ge=1, le=100_000)
     round_deadline_s: float = Field(300.0, gt=0, le=86_400)
+    # A round is re-opened (a new sample) when its deadline passes short of min_clients.
+    # None retries as long as it takes (a fleet may be offline for hours); N fails the
+    # federation, with the reason, after the N-th attempt (e.g. every client's update is
+    # non-finite: retrying cannot help).
+    max_round_attempts: int | None = Field(None, ge=1, le=100_000)
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())
     strategy: StrategySpec = Field(default_factory=lambda: StrategySpec())
     # Server-side broadcast compression: fraction of coordinates changed per round (the

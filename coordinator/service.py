@@ -658,6 +658,16 @@ class CoordinatorService:
         except Exception:  # the database itself is down: the back-off carries the state
             log.exception("federation %s: could not record the failure", fed.id)
 
+    def _give_up(self, fed: FederationRow, reason: str) -> None:
+        """Fail `fed` for good with `reason`; the round stays as it was (nothing is folded)."""
+        log.error("federation %s: failed: %s", fed.id, reason)
+        self.board.withdraw(fed.id)
+        with self.store.tx() as conn:
+            self.store.update_federation(conn, fed.id, status=FederationStatus.failed.value, error=reason)
+        with self.lock:
+            self._live.pop(fed.id, None)
+        self._failed = {**self._failed, fed.id: reason}
+
     def _tick_one(self, fed: FederationRow, now: float) -> None:
         with self.store.tx() as conn:
             rnd = self.store.get_round(conn, fed.id, fed.current_round + 1)
@@ -676,6 +686,11 @@ class CoordinatorService:
             self.board.withdraw(fed.id)
             self._close_round(fed, live, rnd, updates, now)
         elif decision == "retry" and fed.status == "running":
+            limit = live.config.max_round_attempts
+            if limit is not None and rnd.attempt >= limit:
+                self._give_up(fed, f"round {rnd.round}: {updates.count} of the {live.config.min_clients} updates "
+                                   f"needed after {rnd.attempt} attempts (max_round_attempts)")
+                return
             self._maybe_open(fed, now, attempt=rnd.attempt + 1)
         else:
             self._publish(fed, live, rnd)

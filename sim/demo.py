@@ -58,6 +58,8 @@ def federation_config(args: argparse.Namespace) -> dict[str, Any]:
         "name": f"demo-{args.strategy}", "model": args.model, "rounds": args.rounds,
         "clients_per_round": args.agents, "min_clients": max(1, args.agents // 2),
         "round_deadline_s": args.deadline, "seed": args.seed, "training": training,
+        # a local run whose round fails five times is broken (e.g. every update non-finite)
+        "max_round_attempts": 5,
         "strategy": {"name": preset["name"], "params": {**preset.get("params", {}), **json.loads(args.strategy_params)}},
         "data": {"dataset": args.dataset, "data_dir": args.data_dir, "partition": f"dirichlet:{args.alpha}",
                  "eval_samples": args.eval_samples},

@@ -244,3 +244,38 @@ def test_one_failing_federation_never_blocks_another(coordinator: TestClient) ->
             task = coordinator.get("/v1/tasks", params={"wait": 0.2}, headers=auth)
             if task.status_code == 200 and task.json()["federation_id"] == good:
                 _put(coordinator, auth, good, 1, _delta(weights_b, good))
+
+
+@pytest.mark.parametrize("limit", [2, None])
+def test_a_round_that_never_reaches_quorum_fails_its_federation_after_max_round_attempts(
+    coordinator: TestClient, limit: int | None
+) -> None:
+    """An agent that is sampled but never uploads: each deadline re-opens the round. With
+    max_round_attempts = 2 the federation fails after the 2nd, saying why, its model
+    untouched; with None it keeps retrying (a fleet may be offline for hours).
+    Kills: ignoring the limit, failing one attempt early or late, a default limit."""
+    _enroll(coordinator, 1)
+    cfg = small_federation(rounds=1, clients_per_round=1, min_clients=1, round_deadline_s=0.3,
+                           **({"max_round_attempts": limit} if limit else {}))
+    fid = coordinator.post("/v1/federations", json=cfg, headers=ADMIN).json()["id"]
+    coordinator.post(f"/v1/federations/{fid}/start", headers=ADMIN)
+    svc = coordinator.app.state.service  # type: ignore[attr-defined]
+
+    def attempts() -> int:
+        with svc.store.tx() as conn:
+            row = svc.store.get_round(conn, fid, 1)
+        return row.attempt if row is not None else 0
+
+    end = time.monotonic() + 20
+    if limit is None:
+        while attempts() < 4:
+            assert time.monotonic() < end, f"the round was not re-opened (attempt {attempts()})"
+            time.sleep(0.05)
+        assert coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["status"] == "running"
+        return
+    while (fed := coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json())["status"] != "failed":
+        assert time.monotonic() < end, "the federation kept retrying"
+        time.sleep(0.05)
+    assert attempts() == limit
+    assert f"after {limit} attempts" in fed["error"] and "0 of the 1 updates" in fed["error"]
+    assert fed["model_version"] == 0 and fed["current_round"] == 0
