@@ -65,9 +65,10 @@ def _random_delta(weights: Weights, seed: int, density: float = 0.3, scale: floa
             for k, v in weights.items()}
 
 
-def _encode(fid: str, rnd: int, base: int, delta: Weights, num_samples: int) -> bytes:
+def _encode(fid: str, rnd: int, base: int, delta: Weights, num_samples: int, values: str = "fp32") -> bytes:
     meta = DeltaMeta(federation_id=fid, round=rnd, base_version=base, num_samples=num_samples, kind="delta")
-    return encode(ModelDelta(meta, tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in delta.items())), values="fp32")
+    tensors = tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in delta.items())
+    return encode(ModelDelta(meta, tensors), values=values)  # type: ignore[arg-type]
 
 
 SENTINEL = np.float32(1234.5)
@@ -158,8 +159,10 @@ def test_two_agents_plus_one_and_zero_give_one_half(coordinator: TestClient) -> 
     np.testing.assert_allclose(new[name] - base[name], np.full_like(base[name], 0.5e-3), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["plain", "capped_samples", "clipped"])
+@pytest.mark.parametrize("case", ["plain", "capped_samples", "clipped", "int8"])
 def test_global_model_is_the_weighted_mean_of_exactly_the_accepted_updates(coordinator: TestClient, case: str) -> None:
+    """int8: the default preset's upload values; the oracle folds what the decoder sees
+    (the int8 steps), which re-encode exactly. Kills a service that folds anything else."""
     # Arrange: three agents selected for one round
     agents = _enroll(coordinator, 3)
     aggregation: dict[str, Any] = {"max_num_samples": 150} if case == "capped_samples" else {}
@@ -173,15 +176,18 @@ def test_global_model_is_the_weighted_mean_of_exactly_the_accepted_updates(coord
         assert _wait_task(coordinator, auth)["round"] == 1
     deltas = [_random_delta(base, seed) for seed in range(3)]
     samples = [100, 300, 50]
+    values = "int8" if case == "int8" else "fp32"
+    if case == "int8":
+        deltas = [decode(_encode(fid, 1, 0, d, 1, values)).to_dense() for d in deltas]
 
     # Act: honest uploads, interleaved with ones that must change nothing
-    assert _put(coordinator, agents[0], fid, 1, _encode(fid, 1, 0, deltas[0], samples[0]), samples[0]) == 200
+    assert _put(coordinator, agents[0], fid, 1, _encode(fid, 1, 0, deltas[0], samples[0], values), samples[0]) == 200
     assert _put(coordinator, agents[1], fid, 1, _with_nan(_encode_sentinel(fid, deltas[1])), 300) == 422
-    copy = _encode(fid, 1, 0, deltas[0], samples[0])
+    copy = _encode(fid, 1, 0, deltas[0], samples[0], values)
     assert _put(coordinator, agents[2], fid, 1, copy, samples[0]) == 409  # agent 0's bytes replayed by agent 2
     assert _put(coordinator, agents[0], fid, 1, copy, samples[0]) == 200  # agent 0's own retry: idempotent
-    assert _put(coordinator, agents[1], fid, 1, _encode(fid, 1, 0, deltas[1], samples[1]), samples[1]) == 200
-    assert _put(coordinator, agents[2], fid, 1, _encode(fid, 1, 0, deltas[2], samples[2]), samples[2]) == 200
+    assert _put(coordinator, agents[1], fid, 1, _encode(fid, 1, 0, deltas[1], samples[1], values), samples[1]) == 200
+    assert _put(coordinator, agents[2], fid, 1, _encode(fid, 1, 0, deltas[2], samples[2], values), samples[2]) == 200
     _wait_version(coordinator, fid, 1, ADMIN)
 
     # Assert
