@@ -14,18 +14,21 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "sparse": {"name": "fedavg", "training": {"upload_density": 0.1, "upload_values": "fp16"},
                "download_density": 0.1, "download_values": "fp16"},
     # the default: structured progressive pruning to 25% of the dense MACs over rounds
-    # 1–2 (16/24/248 channels for fedavg_cnn: 22% of the MACs), plus sparse exchanges:
-    # top-10% int8 uploads ranked over the whole model, top-20% fp16 broadcasts and server
-    # momentum 0.6 (FedAvgM). On the yardstick each of the three exchange options added
-    # 0.5–0.6 points over per-tensor uploads / 10% broadcasts / no momentum; int8 instead of
-    # fp16 upload values (error feedback carries the rounding) moved the 3-seed mean by
-    # −0.06 points (noise) for 18% fewer bytes (docs/BENCHMARKS.md, issue 13)
+    # 2–3, widths rounded to 2 (14/30/252 channels for fedavg_cnn: 23.3% of the MACs; to 8,
+    # 16/24/248 and 21.7%), plus sparse exchanges: top-10% int8 uploads ranked over the
+    # whole model, top-20% fp16 broadcasts and server momentum 0.6 (FedAvgM). On the
+    # yardstick (3 seeds, docs/BENCHMARKS.md, issue 13): the exchange options added 0.5–0.6
+    # points each over per-tensor uploads / 10% broadcasts / no momentum; int8 upload values
+    # (error feedback carries the rounding) −0.06 (noise) for 18% fewer bytes; pruning a
+    # round later and to width multiples of 2 +0.34, for 1.99 MB a round instead of 1.25
     "structured": {"name": "structured",
-                   "params": {"target_macs": 0.25, "start_round": 1, "prune_steps": 2, "server_momentum": 0.6},
+                   "params": {"target_macs": 0.25, "start_round": 2, "prune_steps": 2, "round_to": 2,
+                              "server_momentum": 0.6},
                    "training": {"upload_density": 0.1, "upload_values": "int8", "upload_scope": "global"},
                    "download_density": 0.2, "download_values": "fp16"},
-    # the default with int8 broadcasts too, for the thinnest links: 0.91 MB per yardstick
-    # round (77× fewer bytes than dense FedAvg) for −0.11 points against the default
+    # for the thinnest links: pruned from round 1 to width multiples of 8 (21.7% of the
+    # MACs), int8 both ways: 0.91 MB per yardstick round (69× fewer than dense FedAvg's
+    # 62.9) for −0.45 points against the default (3 seeds)
     "lean": {"name": "structured",
              "params": {"target_macs": 0.25, "start_round": 1, "prune_steps": 2, "server_momentum": 0.6},
              "training": {"upload_density": 0.1, "upload_values": "int8", "upload_scope": "global"},
