@@ -116,16 +116,16 @@ SETTINGS = [
         claim="ResNet-32: inference FLOPs −50 % at the same accuracy, communication −57 %, less over-fitting "
               "on non-IID data",
         method="dynamic",
-        # the static export closes round 8; rounds 9-10 fine-tune it with FedAvg (exported at
-        # the last round, 0.3585 gated fell to 0.0985 static: its BNs had seen the gated net)
-        method_args=["--strategy-params", json.dumps({"finetune_rounds": 2})],
+        # Exported at the last round, the static model collapses (0.3585 gated → 0.0985): its
+        # BNs only saw the gated network. `finetune_rounds: 2` is the fix to measure, but that
+        # run aborted natively in round 9 (heap corruption in backward while agents trained
+        # the export; docs/BENCHMARKS.md), so the setting stays as measured.
         args=["--model", "resnet32", "--clients", "10", "--per-round", "5", "--epochs", "1", "--max-steps", "40",
               "--rounds", "10", "--alpha", "0.1", "--lr", "0.01", "--eval-samples", "2000"],
         reduced="ResNet-32 on Fashion-MNIST (CIFAR-10 cannot be downloaded here; `--dataset cifar10 --data-dir` "
                 "runs it where the batches are), Dirichlet 0.1, lr 0.01, batch 64 as the paper; 10 rounds of "
                 "≤ 40 local steps; each residual branch's last BN starts at γ = 0 (the strategy's "
-                "`zero_residual`: the specified gates diverge ResNet-32 at init without it); the static "
-                "export closes round 8 and is fine-tuned for 2 rounds",
+                "`zero_residual`: the specified gates diverge ResNet-32 at init without it)",
         check="the static export at ≤ 50 % of the MACs within 2 points of FedAvg, with ≤ 43 % of its bytes",
         holds=lambda m, f: ((m.get("macs") or 1) <= 0.5 * (f.get("macs") or 1) + 1
                             and _acc(m) >= _acc(f) - 0.02
