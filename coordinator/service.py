@@ -643,29 +643,30 @@ class CoordinatorService:
         verdict = self.backoff.record(fed.id, exc, now)
         reason = f"{type(exc).__name__}: {exc}"[:500]
         log.error("federation %s: %s (%s)", fed.id, reason, verdict, exc_info=verdict == "fail")
-        with self.lock:
-            self._live.pop(fed.id, None)  # rebuilt from durable state on the next try
-        self.board.withdraw(fed.id)
         try:
-            with self.store.tx() as conn:
-                if verdict == "fail":
-                    self.store.update_federation(conn, fed.id, status=FederationStatus.failed.value, error=reason)
-                else:
-                    self.store.update_federation(conn, fed.id, error=f"retrying: {reason}")
             if verdict == "fail":
+                self._give_up(fed, reason)
                 self.backoff.clear(fed.id)
-                self._failed = {**self._failed, fed.id: reason}
+                return
+            self._forget(fed)
+            with self.store.tx() as conn:
+                self.store.update_federation(conn, fed.id, error=f"retrying: {reason}")
         except Exception:  # the database itself is down: the back-off carries the state
             log.exception("federation %s: could not record the failure", fed.id)
 
-    def _give_up(self, fed: FederationRow, reason: str) -> None:
-        """Fail `fed` for good with `reason`; the round stays as it was (nothing is folded)."""
-        log.error("federation %s: failed: %s", fed.id, reason)
-        self.board.withdraw(fed.id)
-        with self.store.tx() as conn:
-            self.store.update_federation(conn, fed.id, status=FederationStatus.failed.value, error=reason)
+    def _forget(self, fed: FederationRow) -> None:
+        """Drop `fed`'s in-memory round state and published task (rebuilt from durable state
+        on the next try)."""
         with self.lock:
             self._live.pop(fed.id, None)
+        self.board.withdraw(fed.id)
+
+    def _give_up(self, fed: FederationRow, reason: str) -> None:
+        """Fail `fed` for good with `reason`: nothing of its open round is folded, its global
+        model stays as it was. Raises if the store cannot record it (then it is retried)."""
+        self._forget(fed)
+        with self.store.tx() as conn:
+            self.store.update_federation(conn, fed.id, status=FederationStatus.failed.value, error=reason)
         self._failed = {**self._failed, fed.id: reason}
 
     def _tick_one(self, fed: FederationRow, now: float) -> None:
@@ -688,8 +689,10 @@ class CoordinatorService:
         elif decision == "retry" and fed.status == "running":
             limit = live.config.max_round_attempts
             if limit is not None and rnd.attempt >= limit:
-                self._give_up(fed, f"round {rnd.round}: {updates.count} of the {live.config.min_clients} updates "
-                                   f"needed after {rnd.attempt} attempts (max_round_attempts)")
+                reason = (f"round {rnd.round}: {updates.count} of the {live.config.min_clients} updates "
+                          f"needed after {rnd.attempt} attempts (max_round_attempts)")
+                log.error("federation %s: failed: %s", fed.id, reason)
+                self._give_up(fed, reason)
                 return
             self._maybe_open(fed, now, attempt=rnd.attempt + 1)
         else:

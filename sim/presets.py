@@ -3,9 +3,15 @@ compression settings that go with it."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 __all__ = ["STRATEGY_PRESETS", "strategy_preset"]
+
+# what `structured` and `lean` share: two pruning steps to a quarter of the dense MACs with
+# server momentum, and top-10% int8 uploads ranked over the whole model
+_QUARTER_MACS = {"target_macs": 0.25, "prune_steps": 2, "server_momentum": 0.6}
+_GLOBAL_INT8_UPLOADS = {"upload_density": 0.1, "upload_values": "int8", "upload_scope": "global"}
 
 STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     # dense FedAvg: the Flower-comparable baseline (fp32, every coordinate both ways)
@@ -22,17 +28,14 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     # (error feedback carries the rounding) −0.06 (noise) for 18% fewer bytes; pruning a
     # round later and to width multiples of 2 +0.34, for 1.99 MB a round instead of 1.25
     "structured": {"name": "structured",
-                   "params": {"target_macs": 0.25, "start_round": 2, "prune_steps": 2, "round_to": 2,
-                              "server_momentum": 0.6},
-                   "training": {"upload_density": 0.1, "upload_values": "int8", "upload_scope": "global"},
-                   "download_density": 0.2, "download_values": "fp16"},
+                   "params": {**_QUARTER_MACS, "start_round": 2, "round_to": 2},
+                   "training": _GLOBAL_INT8_UPLOADS, "download_density": 0.2, "download_values": "fp16"},
     # for the thinnest links: pruned from round 1 to width multiples of 8 (21.7% of the
     # MACs), int8 both ways: 0.91 MB per yardstick round (69× fewer than dense FedAvg's
     # 62.9) for −0.45 points against the default (3 seeds)
     "lean": {"name": "structured",
-             "params": {"target_macs": 0.25, "start_round": 1, "prune_steps": 2, "server_momentum": 0.6},
-             "training": {"upload_density": 0.1, "upload_values": "int8", "upload_scope": "global"},
-             "download_density": 0.2, "download_values": "int8"},
+             "params": {**_QUARTER_MACS, "start_round": 1},
+             "training": _GLOBAL_INT8_UPLOADS, "download_density": 0.2, "download_values": "int8"},
     # FedDIP: cubic sparsity 50% → 90% with global magnitude reconfiguration, error
     # feedback and incremental regularisation; top-10% int8 uploads of the dense delta
     # (yardstick, seed 0: 0.8794 at 2.44 MB/round; fp16 top-10%: 0.8801 at 3.33 MB, fp16
@@ -75,4 +78,4 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
 def strategy_preset(name: str, *, rounds: int) -> dict[str, Any]:
     if name not in STRATEGY_PRESETS:
         raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGY_PRESETS))}")
-    return dict(STRATEGY_PRESETS[name])
+    return copy.deepcopy(STRATEGY_PRESETS[name])  # presets share nested dicts: never hand one out

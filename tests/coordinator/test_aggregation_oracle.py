@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 
 from coordinator.protocol import REPORT_HEADER
 from sparse_kernels import DeltaMeta, ModelDelta, SparseTensor, decode, encode
+from sparse_kernels.codec import ValueMode
 from sparse_kernels.fuzz import reframe
 from tests.federation_fixtures import small_federation
 from tests.helpers import ADMIN, Cluster
@@ -65,10 +66,10 @@ def _random_delta(weights: Weights, seed: int, density: float = 0.3, scale: floa
             for k, v in weights.items()}
 
 
-def _encode(fid: str, rnd: int, base: int, delta: Weights, num_samples: int, values: str = "fp32") -> bytes:
+def _encode(fid: str, rnd: int, base: int, delta: Weights, num_samples: int, values: ValueMode = "fp32") -> bytes:
     meta = DeltaMeta(federation_id=fid, round=rnd, base_version=base, num_samples=num_samples, kind="delta")
     tensors = tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in delta.items())
-    return encode(ModelDelta(meta, tensors), values=values)  # type: ignore[arg-type]
+    return encode(ModelDelta(meta, tensors), values=values)
 
 
 SENTINEL = np.float32(1234.5)
@@ -176,7 +177,7 @@ def test_global_model_is_the_weighted_mean_of_exactly_the_accepted_updates(coord
         assert _wait_task(coordinator, auth)["round"] == 1
     deltas = [_random_delta(base, seed) for seed in range(3)]
     samples = [100, 300, 50]
-    values = "int8" if case == "int8" else "fp32"
+    values: ValueMode = "int8" if case == "int8" else "fp32"
     if case == "int8":
         deltas = [decode(_encode(fid, 1, 0, d, 1, values)).to_dense() for d in deltas]
 
