@@ -81,6 +81,10 @@ class TrainingConfig(_Strict):
     # Top-k over each tensor (every layer sends its share) or over the whole model (the
     # layers that moved most send more).
     upload_scope: Literal["per_tensor", "global"] = "per_tensor"
+    # Adaptive per-round density: each agent sends the fewest coordinates of its change
+    # (+ residual) that carry this share of its squared L2 norm, never more than
+    # upload_density; a round that moved few weights sends few. None: always upload_density.
+    upload_energy: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     # Local gradient clipping (DGC, Lin et al. 2018): each step's gradient L2 norm is cut
     # to this before the optimiser step, so a few large steps cannot dominate a round's
     # delta (and the top-k that is sent of it). None: no clipping.

@@ -151,12 +151,12 @@ def run_task(task: Task, weights: Weights, data: ImageDataset, feedback: ErrorFe
     if hooks.train and hooks.upload_delta:
         local = to_numpy_state(model)
         change = {k: local[k] - weights[k] for k in weights}
-        if cfg.upload_density >= 1.0 and cfg.upload_values == "fp32":
+        if cfg.upload_density >= 1.0 and cfg.upload_values == "fp32" and cfg.upload_energy is None:
             tensors = tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in change.items())
         else:
             tensors = feedback.compress(change, density=cfg.upload_density, meta=meta, values=cfg.upload_values,
                                         scope=cfg.upload_scope, min_dense_numel=SMALL_TENSOR,
-                                        support=hooks.upload_support).tensors
+                                        support=hooks.upload_support, energy=cfg.upload_energy).tensors
     extra = tuple(SparseTensor.from_dense_nonzero(k, np.asarray(v, dtype=np.float32)) for k, v in aux.items())
     delta = ModelDelta(meta, tensors + extra)
     body = encode(delta, values=hooks.upload_values or cfg.upload_values)

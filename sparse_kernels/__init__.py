@@ -18,7 +18,7 @@ from sparse_kernels.errors import (
 )
 from sparse_kernels.patch import apply_delta, encode_model, model_values, round_for_broadcast
 from sparse_kernels.reshape import Reshape, apply_reshape, decode_reshape, encode_reshape
-from sparse_kernels.select import SMALL_TENSOR, ErrorFeedback, select_topk, topk_mask, warmup_density
+from sparse_kernels.select import SMALL_TENSOR, ErrorFeedback, energy_density, select_topk, topk_mask, warmup_density
 from sparse_kernels.types import MAX_MODEL_BYTES, DeltaMeta, ModelDelta, SparseTensor, Weights
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "encode",
     "encode_model",
     "encode_reshape",
+    "energy_density",
     "model_values",
     "peek_meta",
     "quantize_values",

@@ -17,7 +17,7 @@ from sparse_kernels._values import quantize_values
 from sparse_kernels.errors import NonFiniteValues
 from sparse_kernels.types import DeltaMeta, ModelDelta, SparseTensor
 
-__all__ = ["SMALL_TENSOR", "ErrorFeedback", "select_topk", "topk_mask", "warmup_density"]
+__all__ = ["SMALL_TENSOR", "ErrorFeedback", "energy_density", "select_topk", "topk_mask", "warmup_density"]
 
 # Tensors up to this size (biases, BN vectors) travel whole both ways: top-k on them saves
 # a few bytes and starves the layers that need every coordinate.
@@ -36,6 +36,47 @@ def warmup_density(target: float, rnd: int, warmup_rounds: int) -> float:
     if warmup_rounds <= 0 or rnd > warmup_rounds or target >= 1:
         return target
     return float(target ** (max(rnd, 1) / (warmup_rounds + 1)))
+
+
+def energy_density(
+    dense: Mapping[str, np.ndarray],
+    energy: float,
+    *,
+    cap: float = 1.0,
+    support: Mapping[str, np.ndarray] | None = None,
+    min_dense_numel: int = 0,
+) -> float:
+    """Adaptive density: the share of the ranked coordinates (tensors above
+    `min_dense_numel`; zero off `support`, as `select_topk` ranks them) whose largest magnitudes carry `energy` of their
+    squared L2 norm, at most `cap`. A round whose change is concentrated in few
+    coordinates sends few; a diffuse one sends up to `cap`. Global top-k at this density
+    carries at least `energy` (up to the cap), whatever the scope of the upload.
+    All-zero input: the smallest density that still sends one coordinate."""
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    if not 0 < cap <= 1:
+        raise ValueError(f"cap must be in (0, 1], got {cap}")
+    parts = []
+    for name, arr in dense.items():
+        a = np.asarray(arr, dtype=np.float32).reshape(-1)
+        if a.size <= min_dense_numel:
+            continue
+        if support is not None and name in support:
+            a = np.where(np.asarray(support[name]).reshape(-1).astype(bool), a, np.float32(0))
+        parts.append(a)
+    squares = np.square(np.concatenate(parts), dtype=np.float64) if parts else np.zeros(0)
+    if squares.size == 0:
+        return cap
+    total = float(squares.sum())
+    if not math.isfinite(total):
+        raise NonFiniteValues("NaN or Inf in the delta")
+    k_cap = _k_for(cap, squares.size)
+    if total == 0.0:
+        return min(cap, 1 / squares.size)
+    # only the cap's top entries can be sent: sort those, find where they reach the share
+    top = np.sort(np.partition(squares, squares.size - k_cap)[squares.size - k_cap :])[::-1]
+    reached = np.searchsorted(np.cumsum(top), energy * total * (1 - 1e-12))  # 1e-12: round-off at energy 1
+    return min(cap, (min(int(reached), k_cap - 1) + 1) / squares.size)
 
 
 def topk_mask(arr: np.ndarray, k: int) -> np.ndarray:
@@ -127,11 +168,14 @@ class ErrorFeedback:
         scope: Scope = "per_tensor",
         support: Mapping[str, np.ndarray] | None = None,
         min_dense_numel: int = 0,
+        energy: float | None = None,
     ) -> ModelDelta:
         """delta + residual -> top-k -> quantised exactly as `encode(values=...)` will
         decode it; the new residual is accumulated - sent (zero off the support, where
         the pruned weights make any delta meaningless). Encode the result with the
-        same `values` mode."""
+        same `values` mode. With `energy`, the density is adaptive: the fewest
+        coordinates of delta + residual that carry that share of its squared norm,
+        `density` at most (`energy_density`)."""
         acc: dict[str, np.ndarray] = {}
         for name, d in delta.items():
             a = np.asarray(d, dtype=np.float32)
@@ -139,6 +183,8 @@ class ErrorFeedback:
             if r is not None and r.shape == a.shape:
                 a = a + r
             acc[name] = a
+        if energy is not None:
+            density = energy_density(acc, energy, cap=density, support=support, min_dense_numel=min_dense_numel)
         picked = select_topk(
             acc, density=density, scope=scope, support=support, min_dense_numel=min_dense_numel
         )

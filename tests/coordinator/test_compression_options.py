@@ -1,10 +1,10 @@
 """The compression options of issue 13 (DGC's density warm-up and local clipping, global
-top-k), end to end through the service where they act there.
+top-k, adaptive density), end to end through the service where they act there.
 
 Mutations these tests kill: a warm-up that returns the target density from round 1 (or
 never reaches it); the service sending the configured density instead of the round's, or
 the broadcast ignoring the warm-up; `clip_grad_norm` accepted but not applied; the agent
-ignoring `upload_scope`."""
+ignoring `upload_scope` or `upload_energy`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from coordinator.protocol import Task, TrainingConfig
 from edge_agent.agent import EdgeAgent
 from edge_agent.local import run_task
 from models import ImageDataset, train_epochs
-from sparse_kernels import SMALL_TENSOR, ErrorFeedback, decode, select_topk, warmup_density
+from sparse_kernels import SMALL_TENSOR, ErrorFeedback, decode, energy_density, select_topk, warmup_density
 from tests.helpers import ADMIN, wait_for
 
 
@@ -115,3 +115,34 @@ def test_global_upload_scope_ranks_the_whole_model(coordinator: TestClient, make
     big = [k for k, v in full.items() if v.size > SMALL_TENSOR]
     counts = {s: [len(t.indices) for t in d.tensors if t.name in big] for s, d in sent.items()}
     assert counts["per_tensor"] != counts["global"]  # the scopes really differ here
+
+
+def test_upload_energy_sends_the_fewest_coordinates_carrying_that_share(
+        coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+    # Mutation killed: the agent ignoring `upload_energy` (it would send the 10 % cap)
+    # Arrange: one task, trained twice from the same weights with the same seed
+    agent = make_agent(0)
+    start_federation(rounds=1, clients_per_round=1, min_clients=1,
+                     training={"batch_size": 32, "lr": 0.05, "max_steps": 4, "upload_density": 0.1,
+                               "upload_values": "fp32", "upload_scope": "global", "upload_energy": 0.5})
+    task = agent.client.poll_task(5)
+    assert task is not None and task.training.upload_energy == 0.5
+    weights = agent.sync_model(task.federation_id, task.model_version)
+    # Act
+    sent = decode(run_task(task, weights, agent.data, ErrorFeedback(), seed=1).body)
+    full = run_task(Task.model_validate({**task.model_dump(), "training": {**task.training.model_dump(),
+                                                                             "upload_density": 1.0,
+                                                                             "upload_energy": None}}),
+                    weights, agent.data, ErrorFeedback(), seed=1).delta.to_dense()
+    # Assert: the upload is global top-k at the adaptive density of the same change, below the cap
+    density = energy_density(full, 0.5, cap=0.1, min_dense_numel=SMALL_TENSOR)
+    assert density < 0.1
+    expected = select_topk(full, density=density, scope="global", min_dense_numel=SMALL_TENSOR)
+    for t in sent.tensors:
+        assert set(t.indices.tolist()) == set(expected[t.name].indices.tolist()), t.name
+
+
+@pytest.mark.parametrize("energy", [0.0, 1.5, float("nan")])
+def test_upload_energy_is_validated(energy: float) -> None:
+    with pytest.raises(ValueError):
+        TrainingConfig(upload_energy=energy)

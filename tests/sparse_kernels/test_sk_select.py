@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_kernels import DeltaMeta, ErrorFeedback, decode, encode, select_topk, topk_mask
+from sparse_kernels import DeltaMeta, ErrorFeedback, decode, encode, energy_density, select_topk, topk_mask
 
 
 def test_topk_mask_picks_largest_magnitudes_sorted() -> None:
@@ -92,3 +92,69 @@ def test_error_feedback_drops_residual_off_support_and_persists() -> None:
     b = other.compress(d, density=0.05, meta=DeltaMeta(), support={"w": mask})
     np.testing.assert_array_equal(a.tensors[0].indices, b.tensors[0].indices)
     np.testing.assert_array_equal(a.tensors[0].values, b.tensors[0].values)
+
+
+def _k(density: float, numel: int) -> int:
+    return max(1, int(np.ceil(density * numel - 1e-9)))  # the count select_topk sends at that density
+
+
+def _energy_oracle(values: np.ndarray, energy: float, cap: float) -> int:
+    """The fewest largest coordinates whose squares reach `energy` of the total, at most
+    the cap's count: a plain loop over the sorted squares."""
+    squares = sorted((float(v) ** 2 for v in values), reverse=True)
+    k_cap = min(len(squares), max(1, int(np.ceil(cap * len(squares) - 1e-9))))
+    total, run = sum(squares), 0.0
+    for k, s in enumerate(squares[:k_cap], start=1):
+        run += s
+        if run >= energy * total * (1 - 1e-12):
+            return k
+    return k_cap
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=2, max_size=60),
+       st.floats(0.05, 1.0), st.floats(0.05, 1.0))
+def test_energy_density_is_the_fewest_coordinates_carrying_the_share(xs: list[float], energy: float,
+                                                                     cap: float) -> None:
+    # Mutations killed: energy of |x| instead of x², an off-by-one in k, the cap ignored,
+    # the energy ignored (always the cap)
+    a = np.asarray(xs, dtype=np.float32)
+    if not np.any(a):
+        return
+    d = energy_density({"w": a[: len(a) // 2], "v": a[len(a) // 2 :]}, energy, cap=cap)
+    assert _k(d, a.size) == _energy_oracle(a, energy, cap)
+    assert d <= cap + 1e-12
+
+
+def test_energy_density_sends_few_for_a_concentrated_change_and_respects_support_and_small_tensors() -> None:
+    rng = np.random.default_rng(0)
+    spiky = np.zeros(10_000, dtype=np.float32)
+    spiky[rng.choice(10_000, 50, replace=False)] = 1.0
+    spiky += rng.normal(0, 1e-3, 10_000).astype(np.float32)
+    diffuse = rng.normal(0, 1, 10_000).astype(np.float32)
+    assert energy_density({"w": spiky}, 0.9, cap=0.1) < 0.006  # ~45 of the 50 spikes
+    assert energy_density({"w": diffuse}, 0.9, cap=0.1) == pytest.approx(0.1)  # capped
+    # the small tensor is sent whole and does not count; the support's zeros are ranked, never needed
+    support = {"w": np.arange(10_000) < 5_000}
+    d = energy_density({"w": diffuse, "b": np.full(10, 1e3, np.float32)}, 0.5, support=support, min_dense_numel=1024)
+    half = np.sort(np.square(diffuse[:5_000].astype(np.float64)))[::-1]
+    assert _k(d, 10_000) == int(np.searchsorted(np.cumsum(half), 0.5 * half.sum())) + 1
+    assert energy_density({"w": np.zeros(100, np.float32)}, 0.9, cap=0.5) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        energy_density({"w": diffuse}, 0.0)
+
+
+def test_error_feedback_with_energy_sends_the_adaptive_share_and_conserves_mass() -> None:
+    rng = np.random.default_rng(1)
+    fb = ErrorFeedback()
+    meta = DeltaMeta()
+    sent = np.zeros(20_000, np.float32)
+    total = np.zeros(20_000, np.float32)
+    for _ in range(3):
+        change = rng.normal(0, 1, 20_000).astype(np.float32) * (rng.random(20_000) < 0.02)
+        expected = _k(energy_density({"w": change + fb.residual.get("w", 0)}, 0.8, cap=0.1), 20_000)
+        (t,) = fb.compress({"w": change}, density=0.1, meta=meta, values="fp32", energy=0.8).tensors
+        assert len(t.indices) == expected < 2_000  # adaptive, below the 10 % cap
+        sent[t.indices] += t.values
+        total += change
+    np.testing.assert_allclose(sent + fb.residual["w"].reshape(-1), total, atol=1e-5)
