@@ -35,7 +35,7 @@ import numpy as np
 
 from bench.flower_peer import REPO, flower_python, setup_venv
 
-__all__ = ["main", "run_compare", "summarize"]
+__all__ = ["main", "run_compare", "summarize", "summarize_run"]
 
 RESULTS = Path(__file__).parent / "results"
 STRATEGIES = "fedavg,sparse,structured,fedtiny,feddip,autoflip,dynamic"
@@ -92,8 +92,10 @@ def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None, *, reuse:
     return peak
 
 
-def _row(system: str, strategy: str, alpha: float, seed: int, rounds: list[dict[str, Any]], peak_mb: float,
-         final: dict[str, Any]) -> dict[str, Any]:
+def summarize_run(system: str, strategy: str, alpha: float, seed: int, rounds: list[dict[str, Any]], peak_mb: float,
+                  final: dict[str, Any]) -> dict[str, Any]:
+    """One run's row: accuracy, bytes and time per training round (setup rounds left
+    out of the means, kept in the total), from its results.json rounds and final."""
     training = [r for r in rounds if not r.get("setup")]  # FedTiny's selection rounds train nothing
     acc = [r["accuracy"] for r in training]
     up = [r["bytes_up"] / 1e6 for r in training]
@@ -130,7 +132,7 @@ def run_fedslim(args: argparse.Namespace, strategy: str, alpha: float, seed: int
     out.mkdir(parents=True, exist_ok=True)
     peak = _run(cmd, out / "run.log", reuse=out / "results.json" if args.reuse else None)
     results = json.loads((out / "results.json").read_text())
-    row = _row("fedslim", strategy, alpha, seed, results["rounds"], peak, results["final"])
+    row = summarize_run("fedslim", strategy, alpha, seed, results["rounds"], peak, results["final"])
     return {**row, "clients": args.clients, "per_round": args.per_round, "backend": args.backend}, results
 
 
@@ -148,7 +150,7 @@ def run_flower(args: argparse.Namespace, alpha: float, seed: int, out: Path) -> 
                  "--out", str(out / "flower.json")], out / "run.log", env=env,
                 reuse=out / "flower.json" if args.reuse else None)
     result = json.loads((out / "flower.json").read_text())
-    row = _row("flower", "fedavg", alpha, seed, result["rounds"], peak, {})
+    row = summarize_run("flower", "fedavg", alpha, seed, result["rounds"], peak, {})
     return {**row, "clients": args.clients, "per_round": args.per_round, "backend": "ray"}, out / "flower.npz"
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.compare import _row, _run
+from bench.compare import _run, summarize_run
 
 __all__ = ["SETTINGS", "Setting", "main"]
 
@@ -155,7 +155,7 @@ def run_one(setting: Setting, strategy: str, extra: list[str], out: Path, args: 
     started = time.monotonic()
     peak = _run(cmd, out / "run.log", reuse=out / "results.json" if args.reuse else None)
     results = json.loads((out / "results.json").read_text())
-    row = _row("fedslim", strategy, 0.0, args.seed, results["rounds"], peak, results["final"])
+    row = summarize_run("fedslim", strategy, 0.0, args.seed, results["rounds"], peak, results["final"])
     last = row["accuracy_per_round"][-LAST_ROUNDS:]
     row.update(density=results["final"].get("density"), wall_s=round(time.monotonic() - started, 1),
                mean_last=sum(last) / len(last))
