@@ -44,9 +44,10 @@ class Broadcast:
 
 def make_broadcast(fid: str, version: int, old: Weights, state: dict[str, np.ndarray], result: RoundResult,
                    *, density: float, values: ValueEncoding,
-                   masks: dict[str, np.ndarray] | None = None) -> Broadcast:
+                   masks: dict[str, np.ndarray] | None = None, energy: float | None = None) -> Broadcast:
     """`masks`: the new version's keep-masks (name → bool, the target's shapes), applied
-    after the patch as agents apply them (None: no mask artifact)."""
+    after the patch as agents apply them (None: no mask artifact). `energy`: adaptive
+    density, `density` at most (`sparse_kernels.energy_density`)."""
     target = result.weights
     masks = masks or {}
     residual_before = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in state.items() if k.startswith(RESIDUAL_PREFIX)}
@@ -63,10 +64,11 @@ def make_broadcast(fid: str, version: int, old: Weights, state: dict[str, np.nda
     feedback.load_state_dict(residual_before)
     change = apply_np_masks({k: target[k] - base[k] for k in target}, masks)
     meta = DeltaMeta(federation_id=fid, round=version, base_version=version - 1, num_samples=0, kind="delta")
-    if density >= 1.0 and values == "fp32":
+    if density >= 1.0 and values == "fp32" and energy is None:
         delta = ModelDelta(meta, tuple(SparseTensor.from_dense_nonzero(k, v) for k, v in change.items()))
     else:
-        delta = feedback.compress(change, density=density, meta=meta, values=values, min_dense_numel=SMALL_TENSOR)
+        delta = feedback.compress(change, density=density, meta=meta, values=values, min_dense_numel=SMALL_TENSOR,
+                                  energy=energy)
     patch = encode(delta, values=values)
     new_weights = {k: v.copy() for k, v in base.items()}
     apply_delta(new_weights, decode(patch))  # exactly what an agent will compute

@@ -251,6 +251,10 @@ class FederationCreate(_Strict):
     # rest is carried in a server residual); 1.0 sends every change exactly.
     download_density: float = Field(1.0, gt=0, le=1)
     download_values: ValueEncoding = "fp32"
+    # Adaptive broadcast density, as training.upload_energy is for uploads: the fewest
+    # coordinates of the change (+ server residual) carrying this share of its squared
+    # norm, download_density at most. None: always download_density.
+    download_energy: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     # Density warm-up (DGC): the first N rounds exchange more coordinates both ways,
     # density falling geometrically from 1 to upload_density / download_density
     # (`sparse_kernels.warmup_density`), while the residuals are largest.

@@ -816,7 +816,7 @@ class CoordinatorService:
         masks = masks_from_state(result.state)
         cast = make_broadcast(fed.id, version, live.weights, live.state, result,
                               density=warmup_density(cfg.download_density, row.round, cfg.density_warmup_rounds),
-                              values=cfg.download_values, masks=masks or None)
+                              values=cfg.download_values, masks=masks or None, energy=cfg.download_energy)
         state = {**result.state, **cast.residual}
         mode = cfg.data.evaluation_mode()
         evaluation = self.evaluator.evaluate(cfg, cast.weights) if mode != "federated" else None

@@ -4,7 +4,7 @@ top-k, adaptive density), end to end through the service where they act there.
 Mutations these tests kill: a warm-up that returns the target density from round 1 (or
 never reaches it); the service sending the configured density instead of the round's, or
 the broadcast ignoring the warm-up; `clip_grad_norm` accepted but not applied; the agent
-ignoring `upload_scope` or `upload_energy`."""
+ignoring `upload_scope` or `upload_energy`, the broadcast ignoring `download_energy`."""
 
 from __future__ import annotations
 
@@ -146,3 +146,31 @@ def test_upload_energy_sends_the_fewest_coordinates_carrying_that_share(
 def test_upload_energy_is_validated(energy: float) -> None:
     with pytest.raises(ValueError):
         TrainingConfig(upload_energy=energy)
+
+
+def test_download_energy_broadcasts_the_fewest_coordinates_carrying_that_share(
+        coordinator: TestClient, make_agent: Callable[[int], EdgeAgent], start_federation: Callable[..., str]) -> None:
+    # Mutation killed: the service (or make_broadcast) ignoring `download_energy`: the patch
+    # would send the 50 % cap of every large tensor
+    # Arrange: one agent, one round, a dense fp32 upload, so the round's change is its delta
+    agent = make_agent(0)
+    fid = start_federation(rounds=1, clients_per_round=1, min_clients=1, download_density=0.5,
+                           download_values="fp16", download_energy=0.5,
+                           training={"batch_size": 32, "lr": 0.05, "max_steps": 4})
+    task = agent.client.poll_task(5)
+    assert task is not None
+    weights = agent.sync_model(fid, task.model_version)
+    result = run_task(task, weights, agent.data, ErrorFeedback())
+    # Act
+    assert agent.client.upload_update(fid, 1, result.body, result.report).accepted
+    wait_for(lambda: coordinator.get(f"/v1/federations/{fid}", headers=ADMIN).json()["model_version"] >= 1)
+    patch = coordinator.get(f"/v1/federations/{fid}/models/1/patch", headers=ADMIN)
+    # Assert: per large tensor, the count top-k sends at the change's adaptive density
+    # (the server's float32 change may differ from the delta in the last bit: ±1 %)
+    change = result.delta.to_dense()
+    density = energy_density(change, 0.5, cap=0.5, min_dense_numel=SMALL_TENSOR)
+    assert density < 0.25
+    expected = select_topk(change, density=density, min_dense_numel=SMALL_TENSOR)
+    for t in decode(patch.content).tensors:
+        if t.indices.size and np.prod(t.shape) > SMALL_TENSOR:
+            assert len(t.indices) == pytest.approx(len(expected[t.name].indices), rel=0.01, abs=1), t.name
