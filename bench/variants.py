@@ -48,11 +48,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # at most the preset's 10 %; or 90 % of it, at most 20 %
     "structured-e08": ("structured", {}, {"training": {"upload_energy": 0.8}}),
     "structured-e09c2": ("structured", {}, {"training": {"upload_energy": 0.9, "upload_density": 0.2}}),
+    # ... both ways: broadcasts of 90 % of the change's energy, at most 30 %
+    "structured-e09both": ("structured", {}, {"training": {"upload_energy": 0.9, "upload_density": 0.2},
+                                              "download_energy": 0.9, "download_density": 0.3}),
 }
 # the first variant of a group is its reference
 GROUPS: dict[str, list[str]] = {
     "exchange": ["feddip-exact", "feddip", "fedtiny-exact", "fedtiny"],
-    "energy": ["structured", "structured-e08", "structured-e09c2"],
+    "energy": ["structured", "structured-e08", "structured-e09c2", "structured-e09both"],
     "feddip-masks": ["feddip", "feddip-reapply"],
 }
 
