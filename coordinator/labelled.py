@@ -19,6 +19,7 @@ import numpy as np
 
 from coordinator.protocol import FederationCreate
 from models import ImageDataset, load_dataset
+from models.datasets import DatasetError, read_xy_npz
 from strategies.base import LabelledSetRequest
 
 __all__ = ["MAX_LABELLED_BYTES", "first_per_class", "load_labelled_set"]
@@ -65,14 +66,9 @@ def _read_npz(path: Path, cfg: FederationCreate, mean: tuple[float, ...] | None,
     if path.stat().st_size > MAX_LABELLED_BYTES:
         raise ValueError(f"labelled set {path}: {path.stat().st_size:,} bytes, over {MAX_LABELLED_BYTES:,}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z.files or "y" not in z.files:
-                raise ValueError(f"labelled set {path}: needs arrays 'x' and 'y', has {sorted(z.files)}")
-            x, y = z["x"], z["y"]
-    except (OSError, ValueError) as exc:  # not a zip, or object arrays (pickle refused)
-        if str(exc).startswith("labelled set"):
-            raise
-        raise ValueError(f"labelled set {path}: unreadable .npz ({exc})") from None
+        x, y = read_xy_npz(path)
+    except DatasetError as exc:
+        raise ValueError(f"labelled set {exc}") from None
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
         raise ValueError(f"labelled set {path}: x must be (N, C, H, W) and y (N,), got {x.shape} and {y.shape}")
     if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= cfg.num_classes)):

@@ -27,6 +27,7 @@ import numpy as np
 
 from coordinator.protocol import InputSpec
 from models import ImageDataset
+from models.datasets import DatasetError, read_xy_npz
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "LocalData", "LocalDataError", "holdout_split", "read_local",
            "to_dataset"]
@@ -116,14 +117,9 @@ def _read_folder(root: Path) -> LocalData:
 
 def _read_npz(path: Path) -> LocalData:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z.files or "y" not in z.files:
-                raise LocalDataError(f"{path}: needs arrays 'x' and 'y', has {sorted(z.files)}")
-            x, y = z["x"], z["y"]
-    except (OSError, ValueError) as exc:  # not a zip, or object arrays (pickle refused)
-        if isinstance(exc, LocalDataError):
-            raise
-        raise LocalDataError(f"{path}: unreadable .npz ({exc})") from None
+        x, y = read_xy_npz(path)
+    except DatasetError as exc:
+        raise LocalDataError(str(exc)) from None
     if y.ndim != 1 or len(y) != len(x):
         raise LocalDataError(f"{path}: y must be (N,) beside x of {len(x)} samples, got shape {y.shape}")
     if y.dtype.kind not in "iuU":

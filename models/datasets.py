@@ -28,6 +28,7 @@ __all__ = [
     "make_synthetic",
     "make_synthetic_windows",
     "read_idx",
+    "read_xy_npz",
     "write_cifar_batch",
     "write_idx",
 ]
@@ -142,6 +143,22 @@ def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> 
     if labels.size and labels.max() > 9:
         raise DatasetError(f"{label_path}: label {int(labels.max())} out of range 0..9")
     return ImageDataset(images[..., None], labels.astype(np.int64), 10, "fashion_mnist")
+
+
+# ---------------------------------------------------------------- .npz of x, y
+
+def read_xy_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays `x` and `y` of an .npz file (a device's data, a server's labelled set),
+    never unpickling: object arrays are refused. Raises DatasetError naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z.files or "y" not in z.files:
+                raise DatasetError(f"{path}: needs arrays 'x' and 'y', has {sorted(z.files)}")
+            return z["x"], z["y"]
+    except (OSError, ValueError) as exc:  # not a zip, or object arrays (pickle refused)
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(f"{path}: unreadable .npz ({exc})") from None
 
 
 # ---------------------------------------------------------------- CIFAR-10 python batches
