@@ -68,7 +68,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any
         cmd = [sys.executable, "-m", "sim.cli", "--out", str(out), "--strategy", preset, "--clients", str(args.clients),
                "--per-round", str(args.clients), "--rounds", str(args.rounds), "--alpha", "0.5", "--seed", str(seed),
                "--dataset", args.dataset, "--no-export", "--quiet", "--strategy-params", json.dumps(params),
-               "--config", json.dumps(config)]
+               "--config", json.dumps(config), "--threads", str(args.threads)]
         for flag, value in (("--max-steps", args.max_steps), ("--eval-samples", args.eval_samples)):
             if value:
                 cmd += [flag, str(value)]
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reuse", action="store_true", help="keep runs under --out that completed before (resume)")
     p.add_argument("--out", default="runs/bench-variants")
+    # one torch thread per run: two invocations side by side then use two cores without
+    # oversubscribing them (two 2-thread runs on 2 cores spin-wait: 3-4x slower)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     # below: the yardstick's size, changed only for smoke tests
     p.add_argument("--clients", type=int, default=10, help="clients, all sampled every round")
     p.add_argument("--rounds", type=int, default=None, help="default 10; --quick 2")
