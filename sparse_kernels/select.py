@@ -47,11 +47,12 @@ def energy_density(
     min_dense_numel: int = 0,
 ) -> float:
     """Adaptive density: the share of the ranked coordinates (tensors above
-    `min_dense_numel`; zero off `support`, as `select_topk` ranks them) whose largest magnitudes carry `energy` of their
-    squared L2 norm, at most `cap`. A round whose change is concentrated in few
-    coordinates sends few; a diffuse one sends up to `cap`. Global top-k at this density
-    carries at least `energy` (up to the cap), whatever the scope of the upload.
-    All-zero input: the smallest density that still sends one coordinate."""
+    `min_dense_numel`, zero off `support`, as `select_topk` ranks them) whose largest
+    magnitudes carry `energy` of their squared L2 norm, at most `cap`. A round whose change
+    is concentrated in few coordinates sends few; a diffuse one sends up to `cap`. Global
+    top-k at this density carries at least `energy` (up to the cap); per-tensor top-k at
+    it is the same count spread by tensor size. All-zero input: the smallest density that
+    still sends one coordinate."""
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     if not 0 < cap <= 1:
