@@ -79,7 +79,12 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
             if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                # an optimizer that holds gradients of its own (KeptSGD) clips those
+                clip = getattr(optimizer, "clip_grad_norm_", None)
+                if clip is not None:
+                    clip(clip_grad_norm)
+                else:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
             if after_step:
                 after_step()

@@ -74,6 +74,32 @@ class KeptSGD(torch.optim.Optimizer):
         p.grad = None
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """`nn.utils.clip_grad_norm_` over what this optimizer will step: the kept
+        gradients gathered in backward and the dense `.grad`s. Returns the norm before
+        clipping. (`clip_grad_norm_(model.parameters())` would miss the gathered ones:
+        their `.grad` is None by then.)"""
+        grads, norms = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                g = state.get("grad", p.grad)
+                if g is None:
+                    continue
+                grads.append(g)
+                # a masked weight steps on its kept coordinates only: only those count
+                dense_masked = "kept" in state and "grad" not in state
+                norms.append(torch.linalg.vector_norm(g.view(-1).index_select(0, state["kept"]) if dense_masked else g))
+        if not grads:
+            return 0.0
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        scale = max_norm / (float(norm) + 1e-6)
+        if scale < 1.0:
+            for g in grads:
+                g.mul_(scale)
+        return float(norm)
+
+    @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]

@@ -119,3 +119,28 @@ def test_agent_train_phase_trains_with_the_kept_optimizer_and_plans_for_it(h: An
     assert hooks.optimizer_memory((first,), True)[1] == state - int(np.count_nonzero(w1[first])) * 8  # frozen: none
     assert hooks.optimizer_memory((), False)[1] == sum(int(np.count_nonzero(w1[n])) * 4 for n in names)
     assert grads < sum(v.size for v in w1.values()) * 4
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_kept_sgd_clips_the_gradient_it_steps_on(in_backward: bool) -> None:
+    # Oracle: dense SGD whose gradients are masked as they arrive, clipped to the same norm
+    # (then the clip sees exactly the trained coordinates). Kills: clipping over
+    # model.parameters() (inside consume_in_backward their .grad is None: no clip at all),
+    # and counting the pruned coordinates' gradient in the norm.
+    model, masks = _masked_model()
+    oracle = copy.deepcopy(model)
+    for n, q in oracle.named_parameters():
+        if n in masks:
+            q.register_hook(lambda g, m=masks[n]: g * m)
+    named = dict(model.named_parameters())
+    ours = KeptSGD(model.parameters(), masks={id(named[n]): m for n, m in masks.items()}, lr=0.05, momentum=0.9)
+    dense = torch.optim.SGD(oracle.parameters(), lr=0.05, momentum=0.9)
+    data = make_synthetic(96, seed=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with ours.consume_in_backward() if in_backward else contextlib.nullcontext():
+        train_epochs(model, data, optimizer=ours, epochs=1, batch_size=32, seed=3, clip_grad_norm=0.05)
+    train_epochs(oracle, data, optimizer=dense, epochs=1, batch_size=32, seed=3, clip_grad_norm=0.05)
+    for (n, p), q in zip(model.named_parameters(), oracle.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    steps = [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+    assert float(torch.linalg.vector_norm(torch.cat(steps))) <= 3 * 0.05 * 0.05 * (1 + 0.9 + 0.81)  # 3 clipped steps
