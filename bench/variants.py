@@ -38,32 +38,33 @@ RESULTS = Path(__file__).parent / "results"
 _EXACT = {"download_density": 1.0, "download_values": "fp32",
           "training": {"upload_density": 1.0, "upload_values": "fp32"}}
 
+_D3FP16 = {"download_density": 0.03, "download_values": "fp16"}
+
 # name -> (preset, strategy params over the preset's, config merged last)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "fedavg": ("fedavg", {}, {}),
     "feddip": ("feddip", {}, {}),
     "feddip-exact": ("feddip", {}, _EXACT),
-    "feddip-reapply": ("feddip", {"reapply_mask": True}, {}),
-    # FedDIP's broadcasts at 10 % of the coordinates in int8 (the preset: 3 % in fp16): at
-    # the end density (10 %) the whole support
-    "feddip-d10i8": ("feddip", {}, {"download_density": 0.1, "download_values": "int8"}),
+    # the previous preset's broadcasts: top-3 % fp16 (the preset: top-10 % int8)
+    "feddip-d3fp16": ("feddip", {}, _D3FP16),
+    # ... with the authors' code path: the previous mask re-applied before the global prune
+    "feddip-d3fp16-reapply": ("feddip", {"reapply_mask": True}, _D3FP16),
     "fedtiny": ("fedtiny", {}, {}),
     "fedtiny-exact": ("fedtiny", {}, _EXACT),
     "structured": ("structured", {}, {}),
     # adaptive upload density: the fewest coordinates carrying 80 % of the change's energy,
-    # at most the preset's 10 %; or 90 % of it, at most 20 %
+    # at most the preset's 10 %
     "structured-e08": ("structured", {}, {"training": {"upload_energy": 0.8}}),
-    "structured-e09c2": ("structured", {}, {"training": {"upload_energy": 0.9, "upload_density": 0.2}}),
-    # ... both ways: broadcasts of 90 % of the change's energy, at most 30 %
+    # ... 90 % of it both ways, uploads at most 20 %, broadcasts at most 30 %
     "structured-e09both": ("structured", {}, {"training": {"upload_energy": 0.9, "upload_density": 0.2},
                                               "download_energy": 0.9, "download_density": 0.3}),
 }
 # the first variant of a group is its reference
 GROUPS: dict[str, list[str]] = {
-    "feddip-exchange": ["feddip-exact", "feddip", "feddip-d10i8"],
+    "feddip-exchange": ["feddip-exact", "feddip-d3fp16", "feddip"],
     "fedtiny-exchange": ["fedtiny-exact", "fedtiny"],
-    "energy": ["structured", "structured-e08", "structured-e09c2", "structured-e09both"],
-    "feddip-masks": ["feddip", "feddip-reapply"],
+    "energy": ["structured", "structured-e08", "structured-e09both"],
+    "feddip-masks": ["feddip-d3fp16", "feddip-d3fp16-reapply"],
 }
 
 
