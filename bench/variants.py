@@ -120,13 +120,13 @@ def compare_to_reference(rows: list[dict[str, Any]], order: list[str]) -> list[d
 
 
 def format_table(summary: list[dict[str, Any]], reference: str) -> str:
-    head = (f"{'variant':<18} {'final acc per seed':<26} {'mean':>7} {'last 3':>7} {'vs ' + reference:>22} "
+    head = (f"{'variant':<22} {'final acc per seed':<26} {'mean':>7} {'last 3':>7} {'vs ' + reference:>22} "
             f"{'MB up/r':>8} {'MB dn/r':>8} {'MB/r':>6} {'MMACs':>6} {'density':>7}")
     lines = [head, "-" * len(head)]
     for s in summary:
         diff = s["diff_vs_reference"]
         d = "-" if diff is None else f"{100 * diff:+.2f} pt" + (f" ± {100 * s['diff_std']:.2f}" if s["diff_std"] else "")
-        lines.append(f"{s['variant']:<18} {' / '.join(f'{a:.4f}' for a in s['final_accuracy']):<26} "
+        lines.append(f"{s['variant']:<22} {' / '.join(f'{a:.4f}' for a in s['final_accuracy']):<26} "
                      f"{s['mean_accuracy']:>7.4f} {s['mean_last3_accuracy']:>7.4f} {d:>22} "
                      f"{s['mb_up_per_round']:>8.2f} {s['mb_down_per_round']:>8.2f} {s['mb_per_round']:>6.2f} "
                      f"{(s['macs'] or 0) / 1e6:>6.2f} {s['density'] if s['density'] is None else round(s['density'], 3)!s:>7}")
@@ -138,6 +138,7 @@ def _plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for s in summary:
@@ -146,6 +147,8 @@ def _plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.annotate(s["variant"], (s["mb_per_round"], s["mean_accuracy"]), textcoords="offset points",
                     xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a log axis
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("MB per round (up + down, all agents)")
     ax.set_ylabel("final test accuracy (each seed; black: mean)")
     ax.set_title(title)
