@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "feddip-exact": ("feddip", {}, _EXACT),
     # the previous preset's broadcasts: top-3 % fp16 (the preset: top-10 % int8)
     "feddip-d3fp16": ("feddip", {}, _D3FP16),
+    # the preset with its uploads' top-10 % ranked over the whole model, not per tensor
+    "feddip-global": ("feddip", {}, {"training": {"upload_scope": "global"}}),
     # ... with the authors' code path: the previous mask re-applied before the global prune
     "feddip-d3fp16-reapply": ("feddip", {"reapply_mask": True}, _D3FP16),
     "fedtiny": ("fedtiny", {}, {}),
@@ -61,7 +63,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 # the first variant of a group is its reference
 GROUPS: dict[str, list[str]] = {
-    "feddip-exchange": ["feddip-exact", "feddip-d3fp16", "feddip"],
+    "feddip-exchange": ["feddip-exact", "feddip-d3fp16", "feddip", "feddip-global"],
     "fedtiny-exchange": ["fedtiny-exact", "fedtiny"],
     "energy": ["structured", "structured-e08", "structured-e09both"],
     "feddip-masks": ["feddip-d3fp16", "feddip-d3fp16-reapply"],
