@@ -38,17 +38,18 @@ RESULTS = Path(__file__).parent / "results"
 _EXACT = {"download_density": 1.0, "download_values": "fp32",
           "training": {"upload_density": 1.0, "upload_values": "fp32"}}
 
-_D3FP16 = {"download_density": 0.03, "download_values": "fp16"}
+# FedDIP's uploads ranked per tensor (the preset ranks them over the whole model)
+_PER_TENSOR = {"training": {"upload_scope": "per_tensor"}}
+# ... and broadcasts of the top 3 % in fp16: the preset before 2026-12-02
+_D3FP16 = {**_PER_TENSOR, "download_density": 0.03, "download_values": "fp16"}
 
 # name -> (preset, strategy params over the preset's, config merged last)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "fedavg": ("fedavg", {}, {}),
     "feddip": ("feddip", {}, {}),
     "feddip-exact": ("feddip", {}, _EXACT),
-    # the previous preset's broadcasts: top-3 % fp16 (the preset: top-10 % int8)
+    "feddip-pertensor": ("feddip", {}, _PER_TENSOR),
     "feddip-d3fp16": ("feddip", {}, _D3FP16),
-    # the preset with its uploads' top-10 % ranked over the whole model, not per tensor
-    "feddip-global": ("feddip", {}, {"training": {"upload_scope": "global"}}),
     # ... with the authors' code path: the previous mask re-applied before the global prune
     "feddip-d3fp16-reapply": ("feddip", {"reapply_mask": True}, _D3FP16),
     "fedtiny": ("fedtiny", {}, {}),
@@ -63,7 +64,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 # the first variant of a group is its reference
 GROUPS: dict[str, list[str]] = {
-    "feddip-exchange": ["feddip-exact", "feddip-d3fp16", "feddip", "feddip-global"],
+    "feddip-exchange": ["feddip-exact", "feddip-d3fp16", "feddip-pertensor", "feddip"],
     "fedtiny-exchange": ["fedtiny-exact", "fedtiny"],
     "energy": ["structured", "structured-e08", "structured-e09both"],
     "feddip-masks": ["feddip-d3fp16", "feddip-d3fp16-reapply"],
