@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="keep runs under --out that completed before (resume)")
     p.add_argument("--out", default="runs/bench-variants")
     # one torch thread per run: two invocations side by side then use two cores without
-    # oversubscribing them (two 2-thread runs on 2 cores spin-wait: 3-4x slower)
+    # oversubscribing them (two 2-thread runs on 2 cores spin-wait, several times slower)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     # below: the yardstick's size, changed only for smoke tests
     p.add_argument("--clients", type=int, default=10, help="clients, all sampled every round")
