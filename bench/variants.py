@@ -52,6 +52,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "feddip-d3fp16": ("feddip", {}, _D3FP16),
     # ... with the authors' code path: the previous mask re-applied before the global prune
     "feddip-d3fp16-reapply": ("feddip", {"reapply_mask": True}, _D3FP16),
+    # ... with server momentum 0.6 (FedAvgM), the preset's exchange and the exact one
+    "feddip-m06": ("feddip", {"server_momentum": 0.6}, {}),
+    "feddip-exact-m06": ("feddip", {"server_momentum": 0.6}, _EXACT),
     "fedtiny": ("fedtiny", {}, {}),
     "fedtiny-exact": ("fedtiny", {}, _EXACT),
     "structured": ("structured", {}, {}),
@@ -68,6 +71,8 @@ GROUPS: dict[str, list[str]] = {
     "fedtiny-exchange": ["fedtiny-exact", "fedtiny"],
     "energy": ["structured", "structured-e08", "structured-e09both"],
     "feddip-masks": ["feddip-d3fp16", "feddip-d3fp16-reapply"],
+    "feddip-momentum": ["feddip-exact", "feddip", "feddip-m06", "feddip-exact-m06"],
+    "structured-vs-fedavg": ["fedavg", "structured"],
 }
 
 

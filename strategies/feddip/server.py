@@ -4,7 +4,9 @@ and incremental regularisation, server half.
 - Round 0 (`initial_weights`): a random ERK mask at density 1 − s0 (= 50%) over the
   masked weights (conv/linear weights; BN, biases and downsample convs dense).
 - Closing round t: dense FedAvg w ← w + lr·Δ̄ (clients upload their *dense* delta, so
-  pruned coordinates that learned locally under error feedback show up here); at a
+  pruned coordinates that learned locally under error feedback show up here), or FedAvgM
+  with ``server_momentum`` β > 0 (w ← w + lr·v, v ← β·v + Δ̄; not in the paper: one of the
+  issue-13 aids that let a compressed exchange keep the exact one's accuracy); at a
   reconfiguration round (t = R, 2R, …) the mask is recomputed by **global** magnitude over
   the aggregated dense weights to density 1 − s_t, s_t = s_T + (s0 − s_T)(1 − t/T)³;
   otherwise the mask is kept. With ``reapply_mask`` (the authors' code path,
@@ -50,7 +52,7 @@ class FedDIP(Strategy):
     def __init__(self, *, T: int | None = None, s0: float = S0, sT: float = S_T,
                  reconfigure_every: int | None = None, lam_max: float = 1e-3, lam_steps: int = 20,
                  error_feedback: bool = True, seed: int = SEED, server_lr: float = 1.0,
-                 reapply_mask: bool = False) -> None:
+                 reapply_mask: bool = False, server_momentum: float = 0.0) -> None:
         if T is not None and T < 1:
             raise ValueError("T must be >= 1")
         if not (0.0 <= s0 < 1.0 and 0.0 <= sT < 1.0):
@@ -59,12 +61,14 @@ class FedDIP(Strategy):
             raise ValueError("reconfigure_every must be >= 1")
         if lam_max < 0 or lam_steps < 1 or server_lr <= 0:
             raise ValueError("need lam_max >= 0, lam_steps >= 1, server_lr > 0")
+        if not 0 <= server_momentum < 1:
+            raise ValueError("need 0 <= server_momentum < 1")
         if not isinstance(reapply_mask, bool):
             raise ValueError("reapply_mask must be true or false")
         self.T, self.s0, self.sT = T, s0, sT
         self.reconfigure_every, self.lam_max, self.lam_steps = reconfigure_every, lam_max, lam_steps
         self.error_feedback, self.seed, self.server_lr = error_feedback, seed, server_lr
-        self.reapply_mask = reapply_mask
+        self.reapply_mask, self.server_momentum = reapply_mask, server_momentum
 
     # ------------------------------------------------------------------ schedules
     def total_rounds(self, ctx_total: int) -> int:
@@ -111,7 +115,10 @@ class FedDIP(Strategy):
         masks = masks_from_state(state)
         if not masks:  # round 1 of a federation created before `initial_state`: the ERK model's zeros
             masks = {n: weights[n] != 0 for n in names}
-        dense, _ = apply_mean_delta(weights, mean_delta, {}, server_lr=self.server_lr, momentum=0.0)
+        # the velocity is over the dense weights: a pruned coordinate keeps its own, so one
+        # that regrows resumes where it was
+        dense, velocity = apply_mean_delta(weights, mean_delta, state, server_lr=self.server_lr,
+                                           momentum=self.server_momentum)
         t = ctx.round
         reconfigured = self.is_reconfiguration(t, ctx.total_rounds)
         changed = regrown = 0
@@ -138,7 +145,8 @@ class FedDIP(Strategy):
             "reconfigured": int(reconfigured), "mask_changes": changed, "mask_regrown": regrown,
             "lam": self.lam(t, total),
         }
-        new_state = {**masks_to_state(masks), "total_rounds": np.array([ctx.total_rounds], dtype=np.int64)}
+        new_state = {**masks_to_state(masks), **velocity,
+                     "total_rounds": np.array([ctx.total_rounds], dtype=np.int64)}
         return RoundResult(new, state=new_state, metrics=metrics)
 
     def _last_reconfig(self, t: int, total_rounds: int) -> int:
