@@ -144,3 +144,40 @@ def test_reapply_mask_must_be_a_boolean() -> None:
 
     with pytest.raises(ValueError, match="reapply_mask"):
         build_strategy("feddip", {"reapply_mask": "yes"})
+
+
+def test_server_momentum_is_fedavgm_over_the_dense_weights_across_rounds(h: Any) -> None:
+    """Two closings without reconfiguration against the FedAvgM recurrence written out:
+    v ← β·v + Δ̄ over every coordinate (a pruned one keeps its velocity), w ← (w + v)⊙m.
+    Kills: momentum ignored, the velocity not carried in the state (reset each round), or
+    the velocity masked."""
+    from strategies import build_strategy
+
+    beta = 0.5
+    s = build_strategy("feddip", {"T": 10, "reconfigure_every": 100, "server_momentum": beta})
+    base = h.weights_of("lenet5", seed=5)
+    w0 = s.initial_weights(base, h.context(1, 10))
+    state = s.initial_state(base, h.context(1, 10))
+    masks = {k.removeprefix("mask/"): v.astype(bool) for k, v in state.items() if k.startswith("mask/")}
+    keep = {k: masks.get(k, np.ones(v.shape, bool)) for k, v in w0.items()}
+    rng = np.random.default_rng(4)
+    d1, d2 = ({k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in w0.items()} for _ in range(2))
+
+    r1 = s.aggregate(h.context(1, 10), w0, d1, state)
+    r2 = s.aggregate(h.context(2, 10), r1.weights, d2, {**state, **r1.state})
+
+    for k in w0:
+        v1 = d1[k].astype(np.float64)
+        w1 = np.where(keep[k], w0[k] + v1, 0)
+        v2 = beta * v1 + d2[k]
+        np.testing.assert_allclose(r1.weights[k], w1, rtol=1e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(r2.weights[k], np.where(keep[k], w1 + v2, 0), rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(r2.state[f"momentum/{k}"], v2, rtol=1e-5, atol=1e-7, err_msg=k)
+    assert any((~m).any() for m in masks.values())  # some coordinates are pruned: the velocity there is tested
+
+
+def test_server_momentum_must_be_in_range() -> None:
+    from strategies import build_strategy
+
+    with pytest.raises(ValueError, match="server_momentum"):
+        build_strategy("feddip", {"server_momentum": 1.0})
