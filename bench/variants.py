@@ -43,18 +43,22 @@ _PER_TENSOR = {"training": {"upload_scope": "per_tensor"}}
 # ... and broadcasts of the top 3 % in fp16: the preset before 2026-12-02
 _D3FP16 = {**_PER_TENSOR, "download_density": 0.03, "download_values": "fp16"}
 
+# the paper's FedDIP: the preset's server momentum off
+_NO_MOMENTUM = {"server_momentum": 0.0}
+
 # name -> (preset, strategy params over the preset's, config merged last)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "fedavg": ("fedavg", {}, {}),
-    "feddip": ("feddip", {}, {}),
-    "feddip-exact": ("feddip", {}, _EXACT),
-    "feddip-pertensor": ("feddip", {}, _PER_TENSOR),
-    "feddip-d3fp16": ("feddip", {}, _D3FP16),
+    # FedDIP without server momentum (the preset before the stop of 2026-12-02 04:30)
+    "feddip": ("feddip", _NO_MOMENTUM, {}),
+    "feddip-exact": ("feddip", _NO_MOMENTUM, _EXACT),
+    "feddip-pertensor": ("feddip", _NO_MOMENTUM, _PER_TENSOR),
+    "feddip-d3fp16": ("feddip", _NO_MOMENTUM, _D3FP16),
     # ... with the authors' code path: the previous mask re-applied before the global prune
-    "feddip-d3fp16-reapply": ("feddip", {"reapply_mask": True}, _D3FP16),
-    # ... with server momentum 0.6 (FedAvgM), the preset's exchange and the exact one
-    "feddip-m06": ("feddip", {"server_momentum": 0.6}, {}),
-    "feddip-exact-m06": ("feddip", {"server_momentum": 0.6}, _EXACT),
+    "feddip-d3fp16-reapply": ("feddip", {**_NO_MOMENTUM, "reapply_mask": True}, _D3FP16),
+    # ... with server momentum 0.6 (FedAvgM): the preset, and the exact exchange with it
+    "feddip-m06": ("feddip", {}, {}),
+    "feddip-exact-m06": ("feddip", {}, _EXACT),
     "fedtiny": ("fedtiny", {}, {}),
     "fedtiny-exact": ("fedtiny", {}, _EXACT),
     "structured": ("structured", {}, {}),

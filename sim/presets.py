@@ -38,15 +38,17 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
              "training": _GLOBAL_INT8_UPLOADS, "download_density": 0.2, "download_values": "int8"},
     # FedDIP: cubic sparsity 50% → 90% with global magnitude reconfiguration, error
     # feedback and incremental regularisation; top-10% int8 uploads of the dense delta,
-    # ranked over the whole model. The mask travels as its own artifact
-    # (sparse_kernels.masks), so broadcasts need not be exact: the zeros agents hold are
-    # the mask's whatever the patch. Top-10% int8 of each tensor (the whole support at the
-    # end density; the rest waits in the server's residual). Yardstick, 3 seeds, against
-    # the same method with every exchange exact (dense fp32 both ways, 41 MB/round):
-    # −0.46 ± 0.18 points at 2.88 MB/round; uploads ranked per tensor −0.54 ± 0.28; with
-    # that and top-3% fp16 broadcasts (the preset before 2026-12-02) −0.81 ± 0.29 at 2.44
-    # (python -m bench.variants --group feddip-exchange, docs/BENCHMARKS.md).
-    "feddip": {"name": "feddip", "params": {"s0": 0.5, "sT": 0.9, "lam_max": 1e-3},
+    # ranked over the whole model, and server momentum 0.6 (FedAvgM over the dense weights:
+    # not in the paper, one of the aids that let the compressed exchange keep the exact
+    # one's accuracy). The mask travels as its own artifact (sparse_kernels.masks), so
+    # broadcasts need not be exact: the zeros agents hold are the mask's whatever the
+    # patch. Top-10% int8 of each tensor (the whole support at the end density; the rest
+    # waits in the server's residual). Yardstick, 3 seeds, against the paper's method with
+    # every exchange exact (dense fp32 both ways, no momentum, 41 MB/round): −0.11 ± 0.11
+    # points at 2.95 MB/round (momentum with the exact exchange: +0.30); without momentum
+    # −0.46 ± 0.18 at 2.88 (python -m bench.variants --group feddip-momentum,
+    # docs/BENCHMARKS.md).
+    "feddip": {"name": "feddip", "params": {"s0": 0.5, "sT": 0.9, "lam_max": 1e-3, "server_momentum": 0.6},
                "training": {**_GLOBAL_INT8_UPLOADS},
                "download_density": 0.1, "download_values": "int8"},
     # FedTiny: a candidate pool of 5 masks at 10% density, selection by averaged loss
