@@ -152,19 +152,20 @@ def test_server_momentum_is_fedavgm_over_the_dense_weights_across_rounds(h: Any)
     Kills: momentum ignored, the velocity not carried in the state (reset each round), or
     the velocity masked."""
     from strategies import build_strategy
+    from strategies.masking import masks_from_state
 
     beta = 0.5
     s = build_strategy("feddip", {"T": 10, "reconfigure_every": 100, "server_momentum": beta})
     base = h.weights_of("lenet5", seed=5)
     w0 = s.initial_weights(base, h.context(1, 10))
     state = s.initial_state(base, h.context(1, 10))
-    masks = {k.removeprefix("mask/"): v.astype(bool) for k, v in state.items() if k.startswith("mask/")}
+    masks = masks_from_state(state)
     keep = {k: masks.get(k, np.ones(v.shape, bool)) for k, v in w0.items()}
     rng = np.random.default_rng(4)
     d1, d2 = ({k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in w0.items()} for _ in range(2))
 
     r1 = s.aggregate(h.context(1, 10), w0, d1, state)
-    r2 = s.aggregate(h.context(2, 10), r1.weights, d2, {**state, **r1.state})
+    r2 = s.aggregate(h.context(2, 10), r1.weights, d2, r1.state)  # the state the service keeps
 
     for k in w0:
         v1 = d1[k].astype(np.float64)
